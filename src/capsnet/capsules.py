@@ -1,0 +1,78 @@
+"""Capsule layers of Sabour et al. (2017), Figure 1: PrimaryCaps and DigitCaps."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from capsnet.routing import DynamicRouting
+from capsnet.squash import get_squash
+
+
+class PrimaryCapsules(nn.Module):
+    """A convolution whose channels are read as `capsules` types of `capsule_dim`-D vectors.
+
+    MNIST: 256 -> 32 x 8 channels, 9x9 stride 2, giving 32 x 6 x 6 = 1152
+    capsules of 8D, each squashed (paper section 4).
+    """
+
+    def __init__(self, in_channels: int, capsules: int = 32, capsule_dim: int = 8,
+                 kernel_size: int = 9, stride: int = 2, squash: str | None = "paper"):
+        super().__init__()
+        self.capsules, self.capsule_dim = capsules, capsule_dim
+        self.conv = nn.Conv2d(in_channels, capsules * capsule_dim, kernel_size, stride)
+        self.squash = get_squash(squash) if squash else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        bsz, _, h, w = y.shape
+        u = y.view(bsz, self.capsules, self.capsule_dim, h, w).permute(0, 1, 3, 4, 2)
+        u = u.reshape(bsz, self.capsules * h * w, self.capsule_dim)
+        return self.squash(u) if self.squash else u
+
+
+class FeatureCapsules(nn.Module):
+    """Reads a feature map [B, C, H, W] as H*W capsules of C dims (the Keras variant's input)."""
+
+    def __init__(self, in_channels: int, squash: str | None = None):
+        super().__init__()
+        self.squash = get_squash(squash) if squash else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        u = x.flatten(2).transpose(1, 2)
+        return self.squash(u) if self.squash else u
+
+
+class ClassCapsules(nn.Module):
+    """DigitCaps: u_hat[j|i] = W_ij u_i for every pair, then routing to `out_capsules`.
+
+    One batched matmul over i (never a per-sample copy of W). With
+    `shared_transform` one W serves every lower capsule (Keras variant);
+    `bias` adds the official code's learned bias to s before the squash.
+    """
+
+    def __init__(self, in_capsules: int, in_dim: int, out_capsules: int, out_dim: int = 16,
+                 routing: DynamicRouting | None = None, shared_transform: bool = False,
+                 bias: bool = False, init_std: float = 0.01):
+        super().__init__()
+        self.in_capsules, self.in_dim = in_capsules, in_dim
+        self.out_capsules, self.out_dim = out_capsules, out_dim
+        self.shared_transform = shared_transform
+        n_w = 1 if shared_transform else in_capsules
+        self.weight = nn.Parameter(torch.randn(n_w, in_dim, out_capsules * out_dim) * init_std)
+        self.bias = nn.Parameter(torch.zeros(out_capsules, out_dim)) if bias else None
+        self.routing = routing if routing is not None else DynamicRouting()
+
+    def predictions(self, u: torch.Tensor) -> torch.Tensor:
+        """u [B, I, in_dim] -> u_hat [B, I, J, D], stored as [B, J, I, D] for the routing."""
+        bsz, n_in, _ = u.shape
+        j, d = self.out_capsules, self.out_dim
+        if self.shared_transform:
+            u_hat = torch.matmul(u, self.weight[0]).view(bsz, n_in, j, d)
+            return u_hat.transpose(1, 2).contiguous().transpose(1, 2)
+        u_hat = torch.bmm(u.transpose(0, 1), self.weight)  # [I, B, J*D]
+        return u_hat.view(n_in, bsz, j, d).permute(1, 2, 0, 3).contiguous().transpose(1, 2)
+
+    def forward(self, u: torch.Tensor):
+        """u [B, I, in_dim] -> (v [B, J, D], couplings [B, I, J])."""
+        return self.routing(self.predictions(u), self.bias)

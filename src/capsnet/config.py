@@ -1,0 +1,126 @@
+"""The schema of the run-level settings people type most, and their range checks.
+
+Registered with Hydra's ConfigStore as `schema` (first in configs/train.yaml's
+defaults), so an unknown key (`routing.iter=3`) or a wrong type
+(`trainer.batch_size=1.5`) fails when the config is composed. Module
+arguments are not mirrored here: the modules check their own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig
+
+from capsnet.errors import CapsnetError
+
+
+class Amp(str, Enum):
+    off = "off"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class OnNonFinite(str, Enum):
+    error = "error"
+    skip = "skip"
+
+
+@dataclass
+class TrainerSchema:
+    epochs: int = 10
+    batch_size: int = 128
+    eval_batch_size: int = 256
+    device: Device = Device.auto
+    amp: Amp = Amp.off
+    num_workers: int = 0
+    threads: Optional[int] = None
+    log_every: int = 50
+    ckpt_every_steps: Optional[int] = None
+    resume: Optional[str] = "auto"
+    on_nonfinite: OnNonFinite = OnNonFinite.error
+    progress: bool = True
+    dist_timeout_s: float = 600.0
+
+
+@dataclass
+class RoutingSchema:
+    _target_: str = "capsnet.routing.DynamicRouting"
+    iters: int = 3
+    squash: str = "paper"
+    detach_intermediate: bool = False
+    leaky: bool = False
+
+
+@dataclass
+class OptimSchema:
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    decay_rate: float = 0.96
+    decay_steps: int = 2000
+    optimizer: Any = None
+    scheduler: Any = None
+
+
+@dataclass
+class TrainSchema:
+    seed: int = 0
+    out_dir: Optional[str] = None
+    model_name: str = "capsnet"
+    model: Any = None
+    loss: Any = None
+    dataset: Any = None
+    routing: RoutingSchema = field(default_factory=RoutingSchema)
+    optim: OptimSchema = field(default_factory=OptimSchema)
+    trainer: TrainerSchema = field(default_factory=TrainerSchema)
+
+
+ConfigStore.instance().store(name="schema", node=TrainSchema)
+
+# (path, test, what is allowed): checked before any work starts.
+RANGES = [
+    ("seed", lambda v: v >= 0, "a number >= 0"),
+    ("routing.iters", lambda v: v >= 1, "a whole number >= 1"),
+    ("trainer.epochs", lambda v: v >= 1, "a whole number >= 1"),
+    ("trainer.batch_size", lambda v: v >= 1, "a whole number >= 1"),
+    ("trainer.eval_batch_size", lambda v: v >= 1, "a whole number >= 1"),
+    ("trainer.num_workers", lambda v: v >= 0, "a whole number >= 0"),
+    ("trainer.threads", lambda v: v is None or v >= 1, "null or a whole number >= 1"),
+    ("trainer.log_every", lambda v: v >= 1, "a whole number >= 1"),
+    ("trainer.ckpt_every_steps", lambda v: v is None or v >= 1, "null or a whole number >= 1"),
+    ("trainer.dist_timeout_s", lambda v: v > 0, "a number of seconds > 0"),
+    ("optim.lr", lambda v: v > 0, "a number > 0"),
+    ("optim.weight_decay", lambda v: v >= 0, "a number >= 0"),
+    ("optim.decay_rate", lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    ("optim.decay_steps", lambda v: v >= 1, "a whole number >= 1"),
+    ("dataset.train_subset", lambda v: v is None or v >= 1, "null or a whole number >= 1"),
+    ("dataset.test_subset", lambda v: v is None or v >= 1, "null or a whole number >= 1"),
+    ("loss.recon_weight", lambda v: v >= 0, "a number >= 0"),
+]
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise a one-line CapsnetError for the first impossible run-level value."""
+    from omegaconf import OmegaConf
+
+    for path, ok, allowed in RANGES:
+        if OmegaConf.select(cfg, path, default="<absent>") == "<absent>":
+            continue
+        value = OmegaConf.select(cfg, path)
+        if isinstance(value, bool) or not ok(value):
+            raise CapsnetError(f"{path}={value} is impossible: it must be {allowed}")
+    if cfg.trainer.device == Device.cuda:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise CapsnetError("trainer.device=cuda but no CUDA GPU is visible: "
+                               "use trainer.device=cpu or auto")

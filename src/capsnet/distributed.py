@@ -1,0 +1,73 @@
+"""Rank helpers for DistributedDataParallel, after facebookresearch/mae's util/misc.py.
+
+Ranks come from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) or,
+under Slurm/submitit, from submitit's description of the job; NCCL on CUDA,
+gloo on CPU. A single process needs no process group at all.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def _export_slurm_env() -> None:
+    """Under submitit with several tasks, turn Slurm's variables into torchrun's."""
+    if "RANK" in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) < 2:
+        return
+    try:
+        import submitit
+
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    except (ImportError, RuntimeError):
+        return
+
+
+def init_distributed(device_type: str, timeout_s: float = 600.0) -> tuple[int, int, int]:
+    """Join the process group when launched with several processes; returns (rank, world, local_rank).
+
+    `timeout_s` bounds collective waits, so a dead peer makes the others fail
+    instead of hanging forever.
+    """
+    _export_slurm_env()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world < 2:
+        return 0, 1, 0
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        if device_type == "cuda":
+            torch.cuda.set_device(local)
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return rank, world, local
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over all processes (identity for one process)."""
+    if is_distributed():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def cleanup() -> None:
+    if is_distributed():
+        dist.destroy_process_group()

@@ -1,0 +1,145 @@
+"""The training loop: `train_one_epoch` and `evaluate`, explicit AMP and DDP, no callbacks.
+
+Step metrics are summed on the device and read only every `log_every` steps,
+so the loop does not wait on the accelerator each step.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+from capsnet.distributed import all_reduce_sum
+from capsnet.errors import NonFiniteLossError
+
+
+@dataclass
+class LoopState:
+    """Where training stands; saved in checkpoints so a run resumes mid-epoch exactly."""
+
+    epoch: int = 0  # current epoch (0-based)
+    batch: int = 0  # batches of the current epoch already done
+    step: int = 0  # optimiser steps over the whole run
+    sums: dict = field(default_factory=dict)  # the current epoch's summed train metrics
+    skipped: int = 0  # non-finite steps skipped (trainer.on_nonfinite=skip)
+
+
+class StopRequested(Exception):
+    """A pre-emption signal arrived; last.pt has been saved."""
+
+
+@dataclass
+class LoopHooks:
+    autocast: Callable  # () -> autocast context manager
+    save_last: Callable[[], None]  # write checkpoints/last.pt from the current state
+    should_stop: Callable[[], bool]  # a signal asked the run to stop
+    tb: object  # capsnet.tb.TensorBoard
+    log_every: int = 50
+    ckpt_every_steps: int | None = None
+    on_nonfinite: str = "error"
+    progress: bool = True
+
+
+def _add(sums: dict, key: str, value: torch.Tensor) -> None:
+    sums[key] = sums[key] + value if key in sums else value
+
+
+def _check_finite(first_bad: torch.Tensor) -> None:
+    bad = int(first_bad)
+    if bad >= 0:
+        raise NonFiniteLossError(
+            f"the loss became NaN or infinite at step {bad}: lower optim.lr, use trainer.amp=bf16 "
+            "instead of fp16, or trainer.on_nonfinite=skip; checkpoints/last.pt holds the last good state")
+
+
+def _means(sums: dict) -> dict:
+    n = float(sums["count"])
+    means = {k: float(v) / n for k, v in sums.items() if k not in ("count", "correct")}
+    means["accuracy"] = 100.0 * float(sums["correct"]) / n
+    return means
+
+
+def train_one_epoch(model, criterion, loader, optimizer, scheduler, scaler, state: LoopState,
+                    hooks: LoopHooks, device: torch.device) -> dict:
+    """One pass over this process's batches; returns the epoch's mean train metrics over all processes."""
+    model.train()
+    sums = {k: torch.tensor(v, device=device, dtype=torch.float64) for k, v in state.sums.items()}
+    first_bad = torch.tensor(-1, device=device)
+    images_seen, t0 = 0, time.perf_counter()
+    bar = tqdm(loader, total=len(loader) + state.batch, initial=state.batch, disable=not hooks.progress,
+               desc=f"epoch {state.epoch + 1}", dynamic_ncols=True, leave=False)
+    for images, labels in bar:
+        images = images.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        with hooks.autocast():
+            out = model(images, labels)
+            terms = criterion(out, images, labels)
+        loss = terms["loss"]
+        state.batch += 1
+        if hooks.on_nonfinite == "skip" and not torch.isfinite(loss):  # a host sync, only in this mode
+            state.skipped += 1
+            continue
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        state.step += 1
+        n = labels.shape[0]
+        images_seen += n
+        first_bad = torch.where(torch.isfinite(loss) | (first_bad >= 0), first_bad, state.step)
+        for k, v in terms.items():
+            _add(sums, k, v.detach().double() * n)
+        _add(sums, "correct", (out.scores.argmax(-1) == labels).sum().double())
+        _add(sums, "count", torch.tensor(float(n), device=device, dtype=torch.float64))
+        state.sums = sums
+        if state.step % hooks.log_every == 0:
+            _check_finite(first_bad)
+            means = _means(sums)
+            bar.set_postfix(loss=f"{means['loss']:.4f}", acc=f"{means['accuracy']:.2f}")
+            hooks.tb.scalars({f"train/{k}": v for k, v in means.items()}, state.step)
+            hooks.tb.scalars({"lr": optimizer.param_groups[0]["lr"]}, state.step)
+        if hooks.should_stop() or (hooks.ckpt_every_steps and state.step % hooks.ckpt_every_steps == 0):
+            _check_finite(first_bad)
+            state.sums = {k: float(v) for k, v in sums.items()}
+            hooks.save_last()
+            if hooks.should_stop():
+                raise StopRequested
+    bar.close()
+    _check_finite(first_bad)
+    seconds = time.perf_counter() - t0
+    sums = {k: all_reduce_sum(v.clone()) for k, v in sums.items()}
+    seen = all_reduce_sum(torch.tensor(float(images_seen), device=device))
+    metrics = {f"train_{k}": v for k, v in _means(sums).items()} if sums else {}
+    metrics["train_images_per_second"] = float(seen) / max(seconds, 1e-9)
+    metrics["train_seconds"] = seconds
+    state.sums = {}
+    return metrics
+
+
+@torch.no_grad()
+def evaluate(model, criterion, loader, autocast, device: torch.device) -> dict:
+    """Accuracy and losses over the whole test set, each image counted once across processes."""
+    model.eval()
+    sums: dict = {}
+    for images, labels in loader:
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        with autocast():
+            out = model(images)
+            terms = criterion(out, images, labels)
+        n = labels.shape[0]
+        for k, v in terms.items():
+            _add(sums, k, v.double() * n)
+        _add(sums, "correct", (out.scores.argmax(-1) == labels).sum().double())
+        _add(sums, "count", torch.tensor(float(n), device=device, dtype=torch.float64))
+    keys = sorted(sums)  # the same order on every rank
+    totals = all_reduce_sum(torch.stack([sums[k] for k in keys])) if keys else torch.zeros(0)
+    sums = dict(zip(keys, totals))
+    means = _means(sums)
+    metrics = {f"test_{k}": v for k, v in means.items()}
+    metrics["test_error"] = 100.0 - metrics["test_accuracy"]
+    return metrics

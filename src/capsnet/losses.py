@@ -1,0 +1,64 @@
+"""Losses of Sabour et al. (2017), section 3 (margin) and 4.1 (reconstruction)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from capsnet.models.output import ModelOutput
+
+
+def as_multi_hot(target: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Class indices [B] or a multi-hot [B, K] (multi-digit data) -> float multi-hot [B, K]."""
+    if target.dim() == 1:
+        return F.one_hot(target, num_classes).float()
+    return target.float()
+
+
+def margin_loss(lengths: torch.Tensor, target: torch.Tensor, m_plus: float = 0.9,
+                m_minus: float = 0.1, lam: float = 0.5) -> torch.Tensor:
+    """Eq. 4: sum over classes of T max(0, m+ - |v|)^2 + lam (1 - T) max(0, |v| - m-)^2, mean over the batch."""
+    lengths = lengths.float()
+    t = as_multi_hot(target, lengths.shape[-1])
+    present = t * F.relu(m_plus - lengths).square()
+    absent = lam * (1.0 - t) * F.relu(lengths - m_minus).square()
+    return (present + absent).sum(-1).mean()
+
+
+def reconstruction_loss(reconstruction: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """Sum of squared errors over the pixels, mean over the batch."""
+    err = reconstruction.float() - images.float()
+    return err.square().flatten(1).sum(1).mean()
+
+
+class CapsuleLoss(nn.Module):
+    """margin + recon_weight * reconstruction (paper: 0.0005). 0 keeps the decoder but trains nothing through it."""
+
+    def __init__(self, m_plus: float = 0.9, m_minus: float = 0.1, lam: float = 0.5,
+                 recon_weight: float = 0.0005):
+        super().__init__()
+        self.m_plus, self.m_minus, self.lam, self.recon_weight = m_plus, m_minus, lam, recon_weight
+
+    def forward(self, out: ModelOutput, images: torch.Tensor, target: torch.Tensor) -> dict:
+        margin = margin_loss(out.scores, target, self.m_plus, self.m_minus, self.lam)
+        terms = {"margin_loss": margin}
+        loss = margin
+        if out.reconstruction is not None:
+            recon = reconstruction_loss(out.reconstruction, images)
+            terms["recon_loss"] = recon
+            loss = loss + self.recon_weight * recon
+        terms["loss"] = loss
+        return terms
+
+
+class CrossEntropyLoss(nn.Module):
+    """Softmax cross-entropy for the baseline CNN, in the same dict form as CapsuleLoss."""
+
+    def __init__(self, label_smoothing: float = 0.0):
+        super().__init__()
+        self.label_smoothing = label_smoothing
+
+    def forward(self, out: ModelOutput, images: torch.Tensor, target: torch.Tensor) -> dict:
+        loss = F.cross_entropy(out.scores.float(), target, label_smoothing=self.label_smoothing)
+        return {"ce_loss": loss, "loss": loss}

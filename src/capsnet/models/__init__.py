@@ -1,0 +1,7 @@
+"""Models assembled from the capsnet parts; every model returns a `ModelOutput`."""
+
+from capsnet.models.output import ModelOutput
+from capsnet.models.capsnet import CapsNet
+from capsnet.models.baseline import BaselineCNN
+
+__all__ = ["ModelOutput", "CapsNet", "BaselineCNN"]

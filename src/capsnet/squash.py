@@ -1,0 +1,65 @@
+"""Squash non-linearities: map a vector's length into [0, 1), keep its direction.
+
+`paper` is Eq. 1 of Sabour et al. (2017); `keras` is the widely copied Keras
+variant (0.5 in place of 1); `efficient` is Efficient-CapsNet's exponential
+form. All are computed in float32, also under autocast: the squared norm plus
+epsilon underflows in float16. The epsilon sits inside the square root, so a
+zero vector gives a zero output and a finite gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+EPS = 1e-8
+
+
+def _norm2(s: torch.Tensor, dim: int) -> torch.Tensor:
+    return s.square().sum(dim, keepdim=True)
+
+
+def squash(s: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Paper Eq. 1: |s|^2 / (1 + |s|^2) * s / |s|."""
+    s = s.float()
+    n2 = _norm2(s, dim)
+    return s * (n2 / ((1.0 + n2) * torch.sqrt(n2 + EPS)))
+
+
+def squash_keras(s: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Keras variant: |s| / (0.5 + |s|^2) * s, length |s|^2 / (0.5 + |s|^2)."""
+    s = s.float()
+    n2 = _norm2(s, dim)
+    return s * (torch.sqrt(n2 + EPS) / (0.5 + n2))
+
+
+def squash_efficient(s: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Efficient-CapsNet: (1 - exp(-|s|)) * s / |s|."""
+    s = s.float()
+    n = torch.sqrt(_norm2(s, dim) + EPS)
+    return s * (-torch.expm1(-n) / n)
+
+
+SQUASHES = {"paper": squash, "keras": squash_keras, "efficient": squash_efficient}
+
+
+def get_squash(name: str):
+    """The squash function called `name` (one of SQUASHES), as selected in a config."""
+    try:
+        return SQUASHES[name]
+    except KeyError:
+        raise ValueError(f"unknown squash {name!r}: choose one of {sorted(SQUASHES)}") from None
+
+
+class Squash(nn.Module):
+    """`squash` as a module, so a config can pick the variant by name."""
+
+    def __init__(self, variant: str = "paper", dim: int = -1):
+        super().__init__()
+        self.variant, self.dim, self.fn = variant, dim, get_squash(variant)
+
+    def forward(self, s: torch.Tensor) -> torch.Tensor:
+        return self.fn(s, self.dim)
+
+    def extra_repr(self) -> str:
+        return f"variant={self.variant!r}"

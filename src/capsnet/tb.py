@@ -1,0 +1,56 @@
+"""TensorBoard: scalars, reconstructions beside their inputs, routing histograms.
+
+Only rank 0 writes; on other ranks every method is a no-op. Tags:
+`train/*` and `test/*` scalars, `lr`, `throughput`, `reconstructions`,
+`routing/couplings_iter{r}` for each routing iteration r (1-based) and
+`capsules/lengths`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.tensorboard import SummaryWriter
+from torchvision.utils import make_grid
+
+
+class TensorBoard:
+    def __init__(self, log_dir: str | None, purge_step: int | None = None):
+        self.writer = SummaryWriter(log_dir, purge_step=purge_step) if log_dir else None
+
+    def scalars(self, values: dict, step: int, prefix: str = "") -> None:
+        if self.writer is None:
+            return
+        for k, v in values.items():
+            self.writer.add_scalar(prefix + k, float(v), step)
+
+    @torch.no_grad()
+    def inspect(self, model: nn.Module, images: torch.Tensor, step: int, autocast) -> None:
+        """Run `images` through the model in eval mode, logging routing and reconstructions."""
+        if self.writer is None:
+            return
+        routing = getattr(model, "routing", None)
+        if routing is not None:
+            routing.record = True
+        try:
+            with autocast:
+                out = model(images)
+        finally:
+            if routing is not None:
+                routing.record = False
+        if routing is not None:
+            for r, c in enumerate(routing.couplings, start=1):
+                self.writer.add_histogram(f"routing/couplings_iter{r}", c.float().cpu(), step)
+            routing.couplings = []
+            self.writer.add_histogram("capsules/lengths", out.scores.float().cpu(), step)
+        if out.reconstruction is not None:
+            pairs = torch.stack([images.float(), out.reconstruction.float()], 1).flatten(0, 1)
+            self.writer.add_image("reconstructions", make_grid(pairs.cpu(), nrow=8, pad_value=0.5), step)
+
+    def hparams(self, hparams: dict, metrics: dict) -> None:
+        if self.writer is not None:
+            self.writer.add_hparams(hparams, metrics, run_name=".")
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

@@ -1,0 +1,22 @@
+"""Train a capsule network: `python train.py model=capsnet dataset=mnist routing.iters=3`.
+
+A thin Hydra entry point; the work is in `capsnet.run`. See README.md.
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+import capsnet.config  # noqa: F401  (registers the config schema)
+from capsnet.cli import guarded
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="train")
+@guarded
+def main(cfg: DictConfig) -> float:
+    from capsnet.run import train
+
+    return train(cfg)
+
+
+if __name__ == "__main__":
+    main()
