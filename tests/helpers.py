@@ -1,0 +1,70 @@
+"""Shared test helpers: IDX files in torchvision's layout, config composition, event-file reading."""
+
+from __future__ import annotations
+
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+
+import capsnet.config  # noqa: F401  (registers the schema)
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+SHARED_DATA = Path(os.environ.get("CAPSNET_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+# A CapsNet small enough to train a few steps in a second on a CPU.
+TINY_CAPSNET = ["model.features.channels=[8]", "model.primary.capsules=2", "model.primary.capsule_dim=4",
+                "model.class_caps.out_dim=4", "model.decoder.hidden=[16]"]
+
+
+def write_idx_images(path: Path, images: torch.Tensor) -> None:
+    """uint8 [N, H, W] -> an IDX3 file (magic 0x00000803, big-endian sizes)."""
+    n, h, w = images.shape
+    path.write_bytes(struct.pack(">IIII", 0x803, n, h, w) + images.to(torch.uint8).numpy().tobytes())
+
+
+def write_idx_labels(path: Path, labels: torch.Tensor) -> None:
+    path.write_bytes(struct.pack(">II", 0x801, len(labels)) + labels.to(torch.uint8).numpy().tobytes())
+
+
+def make_mnist(root: Path, n_train: int = 256, n_test: int = 64, folder: str = "MNIST", seed: int = 0) -> Path:
+    """Synthetic, learnable MNIST-format data: class k is a bright bar at row 2k+4, plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    raw = root / folder / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        labels = torch.arange(n) % 10
+        images = torch.randint(0, 60, (n, 28, 28), generator=g)
+        for k in range(10):
+            images[labels == k, 2 * k + 4: 2 * k + 6, 4:24] = 255
+        write_idx_images(raw / f"{split}-images-idx3-ubyte", images)
+        write_idx_labels(raw / f"{split}-labels-idx1-ubyte", labels)
+    return root
+
+
+def compose_cfg(overrides=(), config_name: str = "train"):
+    with initialize_config_dir(str(CONFIGS), version_base="1.3"):
+        return compose(config_name, overrides=list(overrides))
+
+
+def run_train(args, env_extra=None, timeout=600, cwd=ROOT) -> subprocess.CompletedProcess:
+    """Run `python train.py ARGS` as a user would."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env_extra or {})}
+    env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def event_tags(tb_dir: Path) -> dict:
+    """{'scalars': [...], 'images': [...], 'histograms': [...]} found in a TensorBoard folder."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tb_dir), size_guidance={"histograms": 0, "images": 0, "scalars": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    return {"scalars": tags["scalars"], "images": tags["images"], "histograms": tags["histograms"]}

@@ -1,0 +1,123 @@
+import math
+
+import pytest
+import torch
+
+from capsnet.capsules import ClassCapsules
+from capsnet.routing import DynamicRouting
+
+
+def reference_routing(u_hat, iters, leaky=False, bias=None):
+    """Procedure 1 with explicit loops over the batch, lower and upper capsules (float64)."""
+    u_hat = u_hat.double()
+    bsz, n_in, n_out, dim = u_hat.shape
+    v_all = torch.zeros(bsz, n_out, dim, dtype=torch.float64)
+    c_all = torch.zeros(bsz, n_in, n_out, dtype=torch.float64)
+    for n in range(bsz):
+        b = [[0.0] * n_out for _ in range(n_in)]
+        for _ in range(iters):
+            c = []
+            for i in range(n_in):
+                e = [math.exp(b[i][j]) for j in range(n_out)]
+                z = sum(e) + (1.0 if leaky else 0.0)
+                c.append([e[j] / z for j in range(n_out)])
+            v = []
+            for j in range(n_out):
+                s = sum(c[i][j] * u_hat[n, i, j] for i in range(n_in))
+                if bias is not None:
+                    s = s + bias[j].double()
+                sq = float((s * s).sum())
+                v.append(s * (sq / (1 + sq)) / math.sqrt(sq) if sq > 0 else s * 0)
+            for i in range(n_in):
+                for j in range(n_out):
+                    b[i][j] += float((u_hat[n, i, j] * v[j]).sum())
+        v_all[n] = torch.stack(v)
+        c_all[n] = torch.tensor(c, dtype=torch.float64)
+    return v_all, c_all
+
+
+@pytest.mark.parametrize("iters", [1, 2, 3, 4, 5])
+def test_matches_explicit_loop_reference(iters):
+    u_hat = torch.randn(3, 7, 4, 5) * 0.5
+    v, c = DynamicRouting(iters)(u_hat)
+    v_ref, c_ref = reference_routing(u_hat, iters)
+    torch.testing.assert_close(v.double(), v_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(c.double(), c_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_leaky_and_bias_match_reference():
+    u_hat, bias = torch.randn(2, 6, 3, 4), torch.randn(3, 4) * 0.1
+    v, c = DynamicRouting(3, leaky=True)(u_hat, bias)
+    v_ref, c_ref = reference_routing(u_hat, 3, leaky=True, bias=bias)
+    torch.testing.assert_close(v.double(), v_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(c.double(), c_ref, rtol=1e-5, atol=1e-6)
+    assert (c.sum(-1) < 1).all()
+
+
+@pytest.mark.parametrize("iters", [1, 3, 5])
+def test_couplings_sum_to_one_over_upper_capsules(iters):
+    _, c = DynamicRouting(iters)(torch.randn(4, 50, 10, 16))
+    torch.testing.assert_close(c.sum(-1), torch.ones(4, 50))
+
+
+def test_one_iteration_gives_uniform_couplings():
+    _, c = DynamicRouting(1)(torch.randn(2, 30, 10, 8))
+    torch.testing.assert_close(c, torch.full_like(c, 0.1))
+
+
+def test_later_iterations_move_couplings_away_from_uniform():
+    _, c = DynamicRouting(3)(torch.randn(2, 30, 10, 8))
+    assert (c - 0.1).abs().max() > 1e-3
+
+
+def test_record_keeps_every_iteration_and_the_last_is_returned():
+    routing = DynamicRouting(4)
+    routing.record = True
+    _, c = routing(torch.randn(2, 9, 5, 3))
+    assert len(routing.couplings) == 4
+    torch.testing.assert_close(routing.couplings[-1], c.detach())
+    routing.record = False
+    routing(torch.randn(2, 9, 5, 3))
+    assert routing.couplings == []
+
+
+def test_detach_intermediate_changes_gradients_not_values():
+    u = torch.randn(2, 9, 5, 3, requires_grad=True)
+    v_full, _ = DynamicRouting(3)(u)
+    g_full, = torch.autograd.grad(v_full.square().sum(), u)
+    v_det, _ = DynamicRouting(3, detach_intermediate=True)(u)
+    g_det, = torch.autograd.grad(v_det.square().sum(), u)
+    torch.testing.assert_close(v_full, v_det)
+    assert not torch.allclose(g_full, g_det)
+
+
+def test_routing_runs_in_float32_under_bf16_autocast():
+    u = torch.randn(2, 9, 5, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        v, c = DynamicRouting(3)(u.bfloat16())
+    assert v.dtype == c.dtype == torch.float32
+    torch.testing.assert_close(c.sum(-1), torch.ones(2, 9))
+
+
+def test_iters_must_be_positive():
+    with pytest.raises(ValueError, match="iters"):
+        DynamicRouting(0)
+
+
+def test_class_capsule_predictions_match_explicit_products():
+    layer = ClassCapsules(in_capsules=6, in_dim=4, out_capsules=3, out_dim=5, init_std=1.0)
+    u = torch.randn(2, 6, 4)
+    u_hat = layer.predictions(u)
+    w = layer.weight.view(6, 4, 3, 5)
+    for n in range(2):
+        for i in range(6):
+            for j in range(3):
+                torch.testing.assert_close(u_hat[n, i, j], u[n, i] @ w[i, :, j, :])
+
+
+def test_shared_transform_uses_one_matrix_for_all_inputs():
+    layer = ClassCapsules(in_capsules=6, in_dim=4, out_capsules=3, out_dim=5, shared_transform=True)
+    assert layer.weight.shape == (1, 4, 15)
+    u = torch.randn(2, 6, 4)
+    u_hat = layer.predictions(u)
+    torch.testing.assert_close(u_hat[1, 2], (u[1, 2] @ layer.weight[0]).view(3, 5))
