@@ -1,0 +1,133 @@
+"""The training engine: AMP on CPU, exact resume, pre-emption signals, DDP equivalence."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from capsnet.checkpoint import load_checkpoint
+from helpers import ROOT, TINY_CAPSNET, compose_cfg, run_train
+
+FAST = ["trainer.progress=false", "dataset.download=false", "trainer.batch_size=32", *TINY_CAPSNET]
+
+
+def fit(data_root, out_dir, *overrides):
+    from capsnet.run import Run
+
+    cfg = compose_cfg([f"dataset.root={data_root}", f"out_dir={out_dir}", *FAST, *overrides])
+    return Run(cfg).fit()
+
+
+def weights(out_dir):
+    return load_checkpoint(out_dir / "checkpoints" / "last.pt")["model"]
+
+
+def assert_same_weights(a, b, **tol):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], **tol, msg=lambda m: f"{k}: {m}")
+
+
+def test_bf16_autocast_on_cpu_trains_like_fp32(tiny_data, tmp_path):
+    common = ["trainer.epochs=3", "trainer.batch_size=16", "optim.lr=3e-3", "dataset.shift=0",
+              "model.features.channels=[16]"]
+    fp32 = fit(tiny_data, tmp_path / "fp32", *common)
+    bf16 = fit(tiny_data, tmp_path / "bf16", *common, "trainer.amp=bf16")
+    assert fp32["test_accuracy"] >= 90 and bf16["test_accuracy"] >= 90, (fp32, bf16)
+
+
+def test_fp16_on_cpu_is_refused_in_one_line(tiny_data, tmp_path):
+    proc = run_train([f"dataset.root={tiny_data}", f"out_dir={tmp_path}", "trainer.device=cpu",
+                      "trainer.amp=fp16", *FAST])
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "capsnet: error: trainer.amp=fp16 needs a CUDA GPU: use trainer.amp=bf16 on CPU, or off"]
+
+
+def test_resume_after_epoch_one_ends_like_an_uninterrupted_run(tiny_data, tmp_path):
+    whole = fit(tiny_data, tmp_path / "whole", "trainer.epochs=2")
+    fit(tiny_data, tmp_path / "split", "trainer.epochs=1")
+    resumed = fit(tiny_data, tmp_path / "split", "trainer.epochs=2")  # trainer.resume=auto
+    assert_same_weights(weights(tmp_path / "whole"), weights(tmp_path / "split"), rtol=0, atol=0)
+    assert resumed["test_accuracy"] == whole["test_accuracy"] and resumed["steps"] == whole["steps"]
+    a = [json.loads(x) for x in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(x) for x in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    strip = lambda r: {k: v for k, v in r.items() if "second" not in k}  # noqa: E731
+    assert [strip(r) for r in a] == [strip(r) for r in b]
+
+
+def test_resume_null_starts_afresh(tiny_data, tmp_path):
+    fit(tiny_data, tmp_path, "trainer.epochs=1")
+    again = fit(tiny_data, tmp_path, "trainer.epochs=1", "trainer.resume=null")
+    assert again["epochs"] == 1 and again["steps"] == 8
+
+
+def test_sigterm_saves_at_a_step_boundary_and_the_rerun_finishes_identically(tiny_data, tmp_path):
+    args = [f"dataset.root={tiny_data}", *FAST, "trainer.epochs=3", "trainer.batch_size=8",
+            "model.features.channels=[32]"]
+    run_train([*args, f"out_dir={tmp_path / 'whole'}"])
+    out = tmp_path / "stopped"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args, f"out_dir={out}"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "metrics.jsonl").exists() and time.time() < deadline:
+        time.sleep(0.05)  # stop it during epoch 2, after epoch 1's checkpoint
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-2000:]
+    assert "stopped by SIGTERM" in stdout
+    state = load_checkpoint(out / "checkpoints" / "last.pt")
+    assert state["loop"]["step"] < 3 * 256 // 8
+    assert not (out / "results.json").exists()
+    assert run_train([*args, f"out_dir={out}"]).returncode == 0
+    assert_same_weights(weights(tmp_path / "whole"), weights(out), rtol=0, atol=0)
+
+
+def test_two_gloo_processes_match_one_process_on_the_same_global_batches(tiny_data, tmp_path):
+    args = [f"dataset.root={tiny_data}", *FAST, "trainer.epochs=1", "dataset.train_subset=128",
+            "dataset.test_subset=63", "trainer.device=cpu"]
+    single = run_train([*args, f"out_dir={tmp_path / 'one'}"])
+    assert single.returncode == 0, single.stderr[-2000:]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                          "--standalone",
+                          str(ROOT / "train.py"), *args, f"out_dir={tmp_path / 'two'}"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert_same_weights(weights(tmp_path / "one"), weights(tmp_path / "two"), rtol=1e-4, atol=1e-6)
+    one = json.loads((tmp_path / "one" / "results.json").read_text())
+    two = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert two["world_size"] == 2 and one["world_size"] == 1
+    assert two["test_accuracy"] == pytest.approx(one["test_accuracy"])
+    # 63 test images: accuracy is a multiple of 1/63, so no image was dropped or counted twice
+    assert round(two["test_accuracy"] * 63 / 100, 6) == round(two["test_accuracy"] * 63 / 100)
+
+
+@pytest.mark.parametrize("launcher, target", [("slurm", "SlurmLauncher"), ("local", "LocalLauncher"),
+                                              ("joblib", "JoblibLauncher")])
+def test_cluster_launchers_compose(launcher, target):
+    from hydra import compose, initialize_config_dir
+
+    from helpers import CONFIGS
+
+    with initialize_config_dir(str(CONFIGS), version_base="1.3"):
+        cfg = compose("train", overrides=[f"hydra/launcher={launcher}", "hydra.launcher.gpus_per_node=4"]
+                      if launcher == "slurm" else [f"hydra/launcher={launcher}"], return_hydra_config=True)
+    assert cfg.hydra.launcher._target_.endswith(target)
+    if launcher == "slurm":
+        assert cfg.hydra.launcher.tasks_per_node == 4 and cfg.hydra.launcher.max_num_timeout > 0
+
+
+def test_submitit_local_runs_a_training_job(tiny_data, tmp_path):
+    proc = run_train(["-m", "hydra/launcher=local", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+                      f"dataset.root={tiny_data}", *FAST, "trainer.epochs=1", "dataset.train_subset=64"],
+                     timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "sweep" / "0" / "results.json").read_text())
+    assert results["epochs"] == 1
