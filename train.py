@@ -3,11 +3,16 @@
 A thin Hydra entry point; the work is in `capsnet.run`. See README.md.
 """
 
+import sys
+from pathlib import Path
+
 import hydra
 from omegaconf import DictConfig
 
 import capsnet.config  # noqa: F401  (registers the config schema)
-from capsnet.cli import guarded
+from capsnet.cli import guarded, preflight
+
+CONFIGS = Path(__file__).resolve().parent / "configs"
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
@@ -19,4 +24,5 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
+    preflight(sys.argv[1:], CONFIGS)
     main()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import tempfile
 import zipfile
 from pathlib import Path
@@ -36,17 +37,29 @@ def save_checkpoint(state: dict, path: str | Path) -> None:
         raise
 
 
+def remove_stale_temporaries(folder: str | Path) -> None:
+    """Delete temporary files left by a save that was killed (the checkpoints themselves are intact)."""
+    for tmp in Path(folder).glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
 def load_checkpoint(path: str | Path) -> dict:
     """The checkpoint's dict; a one-line CheckpointError for anything else."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist: check trainer.resume")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # torch's zip format, or a bare pickle
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (unknown file format): "
+                              "use a checkpoints/last.pt or best.pt written by train.py")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsafe content"
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        what = f"it names {found.group(1)}" if found else "unsafe content"
         raise CheckpointError(f"{path} holds objects other than tensors and plain containers, refused "
-                              f"unread ({first[:160]}); load only checkpoints written by capsnet") from None
+                              f"unread ({what}); load only checkpoints written by capsnet") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}); "
                               "it may be truncated: use another file or trainer.resume=null") from None

@@ -39,3 +39,15 @@ def guarded(fn):
             fail(str(e))
 
     return wrapper
+
+
+def preflight(argv: list[str], config_dir) -> None:
+    """Refuse a bad command line in one line before Hydra starts (see capsnet.preflight)."""
+    if debugging():
+        return
+    from capsnet.preflight import check_overrides
+
+    try:
+        check_overrides(argv, config_dir)
+    except CapsnetError as e:
+        fail(str(e))

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 
 from capsnet import distributed as dist_utils
-from capsnet.checkpoint import load_checkpoint, load_model_state, save_checkpoint
+from capsnet.checkpoint import load_checkpoint, load_model_state, remove_stale_temporaries, save_checkpoint
 from capsnet.data import BatchLoader
 from capsnet.engine import LoopHooks, LoopState, StopRequested, evaluate, train_one_epoch
 from capsnet.errors import CapsnetError
@@ -118,6 +118,8 @@ class Run:
         if self.device.type == "cuda":
             self.device = torch.device("cuda", local)
         self.main = self.rank == 0
+        if self.main:
+            self._check_writable()
         if t.batch_size % self.world:
             raise CapsnetError(f"trainer.batch_size={t.batch_size} (global) does not divide among "
                                f"{self.world} processes: use a multiple of {self.world}")
@@ -140,6 +142,17 @@ class Run:
         self.train_loader = BatchLoader(*self.data.split(True), t.batch_size // self.world, train=True,
                                         seed=self.cfg.seed, shift=self.data.shift, **common)
         self.test_loader = BatchLoader(*self.data.split(False), t.eval_batch_size, train=False, **common)
+
+    def _check_writable(self) -> None:
+        try:
+            (self.out_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+            probe = self.out_dir / ".write_test"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as e:
+            raise CapsnetError(f"cannot write the run directory {self.out_dir} ({e.strerror or type(e).__name__}): "
+                               "choose a writable folder with out_dir=... or hydra.run.dir=...") from None
+        remove_stale_temporaries(self.out_dir / "checkpoints")
 
     # --- checkpoints -------------------------------------------------------------------------
     def checkpoint_state(self) -> dict:

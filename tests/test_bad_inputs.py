@@ -1,0 +1,165 @@
+"""Bad input is refused before training starts, with exit status 2 and one line naming problem and fix."""
+
+import os
+import struct
+
+import pytest
+import torch
+
+from capsnet.checkpoint import save_checkpoint
+from helpers import TINY_CAPSNET, make_mnist, run_train
+
+FAST = ["trainer.progress=false", "dataset.download=false", "trainer.epochs=1", *TINY_CAPSNET]
+
+
+def refused(proc, *fragments):
+    """Exit status 2, a single stderr line starting 'capsnet: error:', holding every fragment; no traceback."""
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("capsnet: error: "), proc.stderr[-2000:]
+    for f in fragments:
+        assert f in lines[0], lines[0]
+    return lines[0]
+
+
+# --- config -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("override, fragments", [
+    ("routing.iter=3", ["unknown config key 'routing.iter'", "--cfg job"]),
+    ("routing.iters=abc", ["'routing.iters'", "abc", "Integer"]),
+    ("trainer.batch_size=1.5", ["'trainer.batch_size'", "1.5"]),
+    ("routing.iters=0", ["routing.iters=0", ">= 1"]),
+    ("trainer.batch_size=-8", ["trainer.batch_size=-8", ">= 1"]),
+    ("trainer.amp=fp8", ["'trainer.amp'", "off, bf16, fp16"]),
+    ("trainer.device=tpu", ["'trainer.device'", "auto, cpu, cuda"]),
+    ("optim.lr=0", ["optim.lr", "> 0"]),
+    ("optim.lr=-1e-3", ["optim.lr", "> 0"]),
+    ("model=capsnett", ["model/capsnett", "capsnet_small"]),
+])
+def test_bad_config_values_are_refused_in_one_line(override, fragments, tmp_path):
+    refused(run_train([override, f"out_dir={tmp_path}"]), *fragments)
+
+
+def test_a_bad_value_inside_a_sweep_is_refused_before_any_run(tmp_path):
+    refused(run_train(["-m", "routing.iters=1,2,0", f"hydra.sweep.dir={tmp_path}"]), "routing.iters=0")
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
+def test_cuda_without_a_gpu_is_refused(tmp_path):
+    refused(run_train(["trainer.device=cuda", f"out_dir={tmp_path}"]), "no CUDA GPU", "trainer.device=cpu")
+
+
+def test_subset_larger_than_the_dataset_is_refused(tiny_data, tmp_path):
+    refused(run_train([f"dataset.root={tiny_data}", "dataset.train_subset=100000", f"out_dir={tmp_path}", *FAST]),
+            "dataset.train_subset=100000", "256 train images")
+
+
+# --- data -------------------------------------------------------------------------------------
+
+def test_missing_dataset_offline_names_folder_files_and_fix(tmp_path):
+    line = refused(run_train([f"dataset.root={tmp_path / 'nothing'}", f"out_dir={tmp_path / 'run'}", *FAST]),
+                   str(tmp_path / "nothing" / "MNIST" / "raw"), "train-images-idx3-ubyte", "dataset.root")
+    assert "CAPSNET_DATA" in line
+
+
+def test_empty_dataset_folder_with_failing_download_is_one_line(tmp_path, monkeypatch):
+    (tmp_path / "data" / "MNIST" / "raw").mkdir(parents=True)
+    args = [f"dataset.root={tmp_path / 'data'}", f"out_dir={tmp_path / 'run'}", *FAST, "dataset.download=true"]
+    # no network here, or none allowed: point torchvision's mirrors at a closed local port
+    env = {"http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9"}
+    refused(run_train(args, env_extra=env), "the download failed", "copy the files there")
+
+
+def _corrupt(root, name, data: bytes):
+    (root / "MNIST" / "raw" / name).write_bytes(data)
+
+
+def test_truncated_idx_file_is_refused(tiny_data, tmp_path):
+    path = tiny_data / "MNIST" / "raw" / "train-images-idx3-ubyte"
+    path.write_bytes(path.read_bytes()[:5000])
+    refused(run_train([f"dataset.root={tiny_data}", f"out_dir={tmp_path}", *FAST]),
+            "MNIST", "download again")
+
+
+def test_idx_file_with_a_wrong_magic_number_is_refused(tiny_data, tmp_path):
+    _corrupt(tiny_data, "t10k-labels-idx1-ubyte", struct.pack(">II", 0x0BAD, 64) + bytes(64))
+    refused(run_train([f"dataset.root={tiny_data}", f"out_dir={tmp_path}", *FAST]), "malformed", "download again")
+
+
+def test_images_and_labels_of_different_counts_are_refused(tmp_path):
+    root = make_mnist(tmp_path / "a", n_train=256)
+    other = make_mnist(tmp_path / "b", n_train=200)
+    os.replace(other / "MNIST" / "raw" / "train-labels-idx1-ubyte", root / "MNIST" / "raw" / "train-labels-idx1-ubyte")
+    refused(run_train([f"dataset.root={root}", f"out_dir={tmp_path / 'run'}", *FAST]),
+            "256 images but 200 labels")
+
+
+def test_label_outside_the_classes_is_refused(tiny_data, tmp_path):
+    raw = tiny_data / "MNIST" / "raw" / "train-labels-idx1-ubyte"
+    data = bytearray(raw.read_bytes())
+    data[8 + 17] = 12
+    raw.write_bytes(bytes(data))
+    refused(run_train([f"dataset.root={tiny_data}", f"out_dir={tmp_path}", *FAST]), "label 12", "0..9")
+
+
+# --- checkpoints ------------------------------------------------------------------------------
+
+def resume_from(tiny_data, tmp_path, ckpt, *extra):
+    return run_train([f"dataset.root={tiny_data}", f"out_dir={tmp_path / 'run'}", *FAST,
+                      f"trainer.resume={ckpt}", *extra])
+
+
+def test_a_file_that_is_not_a_checkpoint_is_refused(tiny_data, tmp_path):
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(os.urandom(2048))
+    refused(resume_from(tiny_data, tmp_path, junk), str(junk), "not a readable PyTorch checkpoint")
+    other = tmp_path / "other.pt"
+    torch.save({"weights": torch.zeros(3)}, other)
+    refused(resume_from(tiny_data, tmp_path, other), "not a capsnet checkpoint")
+
+
+def _capsnet_state(overrides, num_classes=10):
+    from hydra.utils import instantiate
+
+    from helpers import compose_cfg
+
+    model = instantiate(compose_cfg(overrides).model, in_shape=(1, 28, 28), num_classes=num_classes)
+    return {"model": model.state_dict()}
+
+
+def test_a_checkpoint_of_another_model_names_the_first_mismatch(tiny_data, tmp_path):
+    ckpt = tmp_path / "wide.pt"
+    save_checkpoint(_capsnet_state([*TINY_CAPSNET, "model.features.channels=[12]"]), ckpt)
+    refused(resume_from(tiny_data, tmp_path, ckpt), "another model", "'features.0.weight'", "(12, 1, 9, 9)")
+
+
+def test_a_checkpoint_with_another_number_of_classes_is_refused(tiny_data, tmp_path):
+    ckpt = tmp_path / "five.pt"
+    save_checkpoint(_capsnet_state(TINY_CAPSNET, num_classes=5), ckpt)
+    refused(resume_from(tiny_data, tmp_path, ckpt), "another model", "class_caps.weight")
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))  # would create the marker file when unpickled
+
+
+def test_a_checkpoint_carrying_code_is_refused_and_the_code_never_runs(tiny_data, tmp_path):
+    marker = tmp_path / "pwned"
+    ckpt = tmp_path / "evil.pt"
+    torch.save({"model": {}, "payload": _Payload(str(marker))}, ckpt)
+    refused(resume_from(tiny_data, tmp_path, ckpt), "refused unread", str(ckpt))
+    assert not marker.exists()
+
+
+# --- output -----------------------------------------------------------------------------------
+
+def test_an_unwritable_run_directory_is_refused(tiny_data, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    refused(run_train([f"dataset.root={tiny_data}", f"out_dir={blocker / 'run'}", *FAST]),
+            "cannot write the run directory", "out_dir=")

@@ -1,0 +1,144 @@
+"""Faults are survived: killed saves, killed runs, pre-emption, non-finite losses, a dead DDP peer."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+from capsnet.checkpoint import load_checkpoint
+from helpers import ROOT, TINY_CAPSNET, run_train
+
+FAST = ["trainer.progress=false", "dataset.download=false", "trainer.batch_size=32", *TINY_CAPSNET]
+
+
+def weights(out_dir):
+    return load_checkpoint(out_dir / "checkpoints" / "last.pt")["model"]
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=lambda m: f"{k}: {m}")
+
+
+def wait_for(predicate, timeout=120.0):
+    deadline = time.time() + timeout
+    while not predicate():
+        if time.time() > deadline:
+            raise TimeoutError("condition not reached")
+        time.sleep(0.02)
+
+
+def test_sigkill_while_writing_a_checkpoint_leaves_the_previous_one_loadable(tmp_path):
+    path = tmp_path / "last.pt"
+    writer = textwrap.dedent(f"""
+        import torch
+        from capsnet.checkpoint import save_checkpoint
+        i = 0
+        while True:  # large saves, so the kill lands mid-write most of the time
+            save_checkpoint({{"model": {{"w": torch.full((4_000_000,), float(i))}}, "i": i}}, {str(path)!r})
+            i += 1
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", writer])
+    try:
+        wait_for(path.exists)
+        wait_for(lambda: any(tmp_path.glob(".last.pt.*.tmp")), timeout=60)  # a save is under way
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    state = load_checkpoint(path)
+    assert torch.all(state["model"]["w"] == state["i"])
+
+
+def test_a_run_killed_with_sigkill_resumes_from_last_pt_and_ends_identically(tiny_data, tmp_path):
+    args = [f"dataset.root={tiny_data}", *FAST, "trainer.epochs=2", "trainer.batch_size=8",
+            "trainer.ckpt_every_steps=3", "model.features.channels=[32]"]
+    assert run_train([*args, f"out_dir={tmp_path / 'whole'}"]).returncode == 0
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args, f"out_dir={out}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(lambda: (out / "checkpoints" / "last.pt").exists())
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert not (out / "results.json").exists()
+    rerun = run_train([*args, f"out_dir={out}"])  # trainer.resume=auto
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert_same_weights(weights(tmp_path / "whole"), weights(out))
+    assert not list((out / "checkpoints").glob(".*.tmp"))
+
+
+def test_sigterm_saves_at_a_step_boundary_and_the_rerun_finishes_identically(tiny_data, tmp_path):
+    args = [f"dataset.root={tiny_data}", *FAST, "trainer.epochs=3", "trainer.batch_size=8",
+            "model.features.channels=[32]"]
+    run_train([*args, f"out_dir={tmp_path / 'whole'}"])
+    out = tmp_path / "stopped"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args, f"out_dir={out}"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "metrics.jsonl").exists() and time.time() < deadline:
+        time.sleep(0.05)  # stop it during epoch 2, after epoch 1's checkpoint
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-2000:]
+    assert "stopped by SIGTERM" in stdout
+    state = load_checkpoint(out / "checkpoints" / "last.pt")
+    assert state["loop"]["step"] < 3 * 256 // 8
+    assert not (out / "results.json").exists()
+    assert run_train([*args, f"out_dir={out}"]).returncode == 0
+    assert_same_weights(weights(tmp_path / "whole"), weights(out))
+
+
+def test_a_non_finite_loss_stops_in_one_line_and_keeps_the_last_good_checkpoint(tiny_data, tmp_path):
+    base = [f"dataset.root={tiny_data}", *FAST, f"out_dir={tmp_path}"]
+    assert run_train([*base, "trainer.epochs=1"]).returncode == 0
+    good = weights(tmp_path)
+    # a reconstruction weight beyond float32's range turns the loss infinite at the first step of epoch 2
+    proc = run_train([*base, "trainer.epochs=2", "loss.recon_weight=1e39", "trainer.log_every=1"])
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+    assert "NaN or infinite at step 9" in lines[0] and "trainer.on_nonfinite=skip" in lines[0]
+    assert_same_weights(good, weights(tmp_path))
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["loop"]["epoch"] == 1
+
+
+def test_on_nonfinite_skip_skips_and_counts_the_steps(tiny_data, tmp_path):
+    proc = run_train([f"dataset.root={tiny_data}", *FAST, f"out_dir={tmp_path}", "trainer.epochs=1",
+                      "loss.recon_weight=1e39", "trainer.on_nonfinite=skip"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    assert record["skipped_steps"] == 256 // 32 and record["step"] == 0
+    assert json.loads((tmp_path / "results.json").read_text())["skipped_steps"] == 8
+
+
+def _children(pid):
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    return [int(x) for x in out.split()]
+
+
+def test_a_dead_ddp_peer_makes_the_others_exit_with_an_error_in_bounded_time(tiny_data, tmp_path):
+    args = [f"dataset.root={tiny_data}", *FAST, "trainer.epochs=50", "trainer.device=cpu",
+            "trainer.dist_timeout_s=30", f"out_dir={tmp_path}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+                             str(ROOT / "train.py"), *args], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: (tmp_path / "metrics.jsonl").exists(), timeout=180)  # both ranks are training
+        workers = _children(proc.pid)
+        assert len(workers) == 2
+        os.kill(max(workers), signal.SIGKILL)
+        start = time.time()
+        _, stderr = proc.communicate(timeout=120)
+        assert proc.returncode != 0
+        assert time.time() - start < 120
+    finally:
+        proc.kill()
