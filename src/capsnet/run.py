@@ -209,6 +209,16 @@ class Run:
                 "routing_iters": OmegaConf.select(self.cfg, "routing.iters"), "seed": self.cfg.seed,
                 "overrides": self.overrides}
 
+    def hparams(self) -> dict:
+        """What defines the run, for TensorBoard's HParams view (scalars only)."""
+        c = self.cfg
+        return {"model": str(c.model_name), "dataset": self.data.name,
+                "routing_iters": int(OmegaConf.select(c, "routing.iters") or 0),
+                "recon_weight": float(OmegaConf.select(c, "loss.recon_weight") or 0.0),
+                "decoder": OmegaConf.select(c, "model.decoder") is not None, "seed": int(c.seed),
+                "lr": float(c.optim.lr), "batch_size": int(self.t.batch_size), "epochs": int(self.t.epochs),
+                "amp": str(self.t.amp), "overrides": " ".join(self.overrides)}
+
     # --- the loop ----------------------------------------------------------------------------
     def fit(self) -> dict:
         t = self.t
@@ -234,8 +244,11 @@ class Run:
                 print(f"capsnet: stopped by {signame} at step {self.state.step}; checkpoints/last.pt "
                       "saved; run the same command (trainer.resume=auto) to continue", flush=True)
             finally:
+                results = self.summary(time.perf_counter() - started)
+                if not stop() and self.history:
+                    tb.hparams(self.hparams(), {"hparam/test_error": results["test_error"],
+                                                "hparam/test_accuracy": results["test_accuracy"]})
                 tb.close()
-        results = self.summary(time.perf_counter() - started)
         if self.main and not stop():
             self._write_json("results.json", json.dumps(results, indent=2) + "\n")
         return results

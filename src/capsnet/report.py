@@ -1,0 +1,215 @@
+"""Turn sweeps into the table and plot of a paper: `python -m capsnet.report <sweep dir> [...]`.
+
+Reads every run below the given folders (a Hydra job folder holds
+`.hydra/config.yaml`; finished runs also `results.json`), groups them by
+their setting (model, dataset, routing iterations, reconstruction, and any
+other swept key), averages over seeds, and writes into the first folder:
+`summary.md`, `summary.csv` and `error_vs_iters.png`. Runs that failed or did
+not finish are listed as such.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+# Paper, Table 1 (MNIST test error %, mean and std over 3 trials): (model, iters, reconstruction).
+PAPER_MNIST = {("baseline_cnn", None, None): (0.39, None), ("capsnet", 1, "no"): (0.34, 0.032),
+               ("capsnet", 1, "yes"): (0.29, 0.011), ("capsnet", 3, "no"): (0.35, 0.036),
+               ("capsnet", 3, "yes"): (0.25, 0.005)}
+DERIVED = ("model", "dataset", "routing_iters", "reconstruction")
+# Override keys the derived columns already describe, or that only pick among named settings.
+NOT_SETTINGS = {"seed", "model", "dataset", "variant", "experiment", "routing.iters", "loss.recon_weight",
+                "model.decoder", "out_dir"}
+
+
+@dataclass
+class RunRecord:
+    path: Path
+    setting: dict
+    results: dict | None
+    status: str  # finished | unfinished (k epochs) | failed
+
+
+@dataclass
+class Group:
+    setting: dict
+    runs: list = field(default_factory=list)
+
+    def stat(self, key: str):
+        vals = [r.results[key] for r in self.runs if r.results.get(key) is not None]
+        if not vals:
+            return None, None
+        return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else None)
+
+
+def _derived(cfg: dict) -> dict:
+    model = cfg.get("model_name") or "?"
+    is_caps = "class_caps" in (cfg.get("model") or {})
+    recon = None
+    if is_caps:
+        has_decoder = (cfg["model"].get("decoder") is not None)
+        recon = "yes" if has_decoder and float((cfg.get("loss") or {}).get("recon_weight", 0)) > 0 else "no"
+    return {"model": model, "dataset": (cfg.get("dataset") or {}).get("name", "?"),
+            "routing_iters": (cfg.get("routing") or {}).get("iters") if is_caps else None,
+            "reconstruction": recon}
+
+
+def read_run(job: Path) -> RunRecord:
+    cfg = yaml.safe_load((job / ".hydra" / "config.yaml").read_text()) or {}
+    overrides = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text()) if (
+        job / ".hydra" / "overrides.yaml").is_file() else []
+    setting = _derived(cfg)
+    for o in overrides or []:
+        key, _, value = o.lstrip("+~").partition("=")
+        if key not in NOT_SETTINGS and not key.startswith("hydra"):
+            setting[key] = value
+    results = None
+    if (job / "results.json").is_file():
+        results = json.loads((job / "results.json").read_text())
+        status = "finished"
+    elif (job / "metrics.jsonl").is_file():
+        status = f"unfinished ({len((job / 'metrics.jsonl').read_text().splitlines())} epochs)"
+    else:
+        status = "failed"
+    return RunRecord(job, setting, results, status)
+
+
+def find_runs(folders) -> list[RunRecord]:
+    jobs = sorted({p.parent.parent for f in folders for p in Path(f).rglob(".hydra/config.yaml")})
+    return [read_run(j) for j in jobs]
+
+
+def group_runs(runs: list[RunRecord]) -> list[Group]:
+    groups: dict = {}
+    for r in runs:
+        if r.results is not None:
+            key = json.dumps(r.setting, sort_keys=True, default=str)
+            groups.setdefault(key, Group(r.setting)).runs.append(r)
+    order = lambda g: tuple(str(g.setting.get(k)) for k in DERIVED) + (json.dumps(g.setting, default=str),)  # noqa: E731
+    return sorted(groups.values(), key=order)
+
+
+def paper_figure(setting: dict) -> str:
+    if setting.get("dataset") != "mnist":
+        return "-"
+    fig = PAPER_MNIST.get((setting["model"], setting["routing_iters"], setting["reconstruction"]))
+    if fig is None:
+        return "-"
+    return f"{fig[0]:.2f}" + (f" ± {fig[1]:.3f}" if fig[1] is not None else "")
+
+
+def _fmt(x, digits=2) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def table_rows(groups: list[Group], columns: list[str]) -> list[dict]:
+    rows = []
+    for g in groups:
+        mean, std = g.stat("test_error")
+        ips, _ = g.stat("train_images_per_second")
+        params, _ = g.stat("params")
+        rows.append({**{c: g.setting.get(c) for c in columns}, "n": len(g.runs),
+                     "test_error_mean": mean, "test_error_std": std,
+                     "params": int(params) if params is not None else None,
+                     "images_per_second": ips, "paper_error": paper_figure(g.setting)})
+    return rows
+
+
+def setting_columns(runs: list[RunRecord]) -> list[str]:
+    keys = list(DERIVED)
+    for r in runs:
+        keys += [k for k in r.setting if k not in keys]
+    return keys
+
+
+def markdown(rows: list[dict], columns: list[str], runs: list[RunRecord]) -> str:
+    head = [*columns, "n", "test error % (mean ± std)", "paper error %", "params", "train images/s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for r in rows:
+        err = _fmt(r["test_error_mean"]) + (f" ± {_fmt(r['test_error_std'])}" if r["test_error_std"] is not None
+                                            else "")
+        cells = [("-" if r[c] is None else str(r[c])) for c in columns]
+        cells += [str(r["n"]), err, r["paper_error"], f"{r['params']:,}" if r["params"] else "-",
+                  _fmt(r["images_per_second"], 1)]
+        lines.append("| " + " | ".join(cells) + " |")
+    bad = [r for r in runs if r.status != "finished"]
+    if bad:
+        lines += ["", "Runs that did not finish (not in the table):", ""]
+        lines += [f"- `{r.path}`: {r.status}" for r in bad]
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["n"])
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def plot(path: Path, rows: list[dict], columns: list[str]) -> None:
+    """Test error against routing iterations, one line per setting of the other columns."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    others = [c for c in columns if c != "routing_iters"]
+    lines: dict = {}
+    for r in rows:
+        lines.setdefault(tuple(r[c] for c in others), []).append(r)
+    for key, rs in lines.items():
+        label = ", ".join(f"{c}={v}" for c, v in zip(others, key) if v is not None)
+        pts = sorted((r for r in rs if r["routing_iters"] is not None), key=lambda r: r["routing_iters"])
+        if pts:
+            ax.errorbar([r["routing_iters"] for r in pts], [r["test_error_mean"] for r in pts],
+                        yerr=[r["test_error_std"] or 0.0 for r in pts], marker="o", capsize=3, label=label)
+        for r in rs:
+            if r["routing_iters"] is None:  # no routing (baseline): a horizontal reference
+                ax.axhline(r["test_error_mean"], linestyle="--", color="gray", label=label)
+    ax.set_xlabel("routing iterations")
+    ax.set_ylabel("test error (%)")
+    ax.grid(alpha=0.3)
+    if lines:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def report(folders, out_dir: Path | None = None) -> str:
+    runs = find_runs(folders)
+    if not runs:
+        raise SystemExit(f"capsnet.report: no runs (no .hydra/config.yaml) under {', '.join(map(str, folders))}")
+    out_dir = Path(out_dir or folders[0])
+    columns = setting_columns(runs)
+    rows = table_rows(group_runs(runs), columns)
+    text = markdown(rows, columns, runs)
+    (out_dir / "summary.md").write_text(text)
+    write_csv(out_dir / "summary.csv", rows)
+    plot(out_dir / "error_vs_iters.png", rows, columns)
+    return text
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m capsnet.report", description=__doc__.splitlines()[0])
+    parser.add_argument("folders", nargs="+", type=Path, help="sweep folders (outputs/multirun/<date>/<time>)")
+    parser.add_argument("--out", type=Path, default=None, help="where to write (default: the first folder)")
+    args = parser.parse_args(argv)
+    missing = [f for f in args.folders if not f.is_dir()]
+    if missing:
+        sys.exit(f"capsnet.report: error: {missing[0]} is not a folder: give a sweep's output folder")
+    print(report(args.folders, args.out), end="")
+
+
+if __name__ == "__main__":
+    main()
