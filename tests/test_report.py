@@ -19,7 +19,7 @@ def sweep(tmp_path_factory):
     data = make_mnist(tmp / "data", n_train=64, n_test=32)
     out = tmp / "multirun"
     proc = run_train(["-m", "routing.iters=1,2", "seed=0,1", f"hydra.sweep.dir={out}", f"dataset.root={data}",
-                      "dataset.download=false", "trainer.epochs=1", "trainer.batch_size=32",
+                      "dataset.download=false", "trainer.epochs=2", "trainer.batch_size=16", "optim.lr=0.01",
                       "trainer.progress=false", *TINY_CAPSNET])
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
@@ -75,7 +75,7 @@ def test_unfinished_and_failed_runs_are_listed_not_dropped(sweep, tmp_path):
     proc = run_report(copy)
     assert proc.returncode == 0, proc.stderr
     assert "did not finish" in proc.stdout
-    assert f"`{copy / '0'}`: unfinished (1 epochs)" in proc.stdout and f"`{copy / '1'}`: failed" in proc.stdout
+    assert f"`{copy / '0'}`: unfinished (2 epochs)" in proc.stdout and f"`{copy / '1'}`: failed" in proc.stdout
 
 
 def test_each_run_logs_hparams_for_tensorboard(sweep):

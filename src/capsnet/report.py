@@ -88,12 +88,13 @@ def find_runs(folders) -> list[RunRecord]:
     return [read_run(j) for j in jobs]
 
 
-def group_runs(runs: list[RunRecord]) -> list[Group]:
+def group_runs(runs: list[RunRecord], columns: list[str]) -> list[Group]:
     groups: dict = {}
     for r in runs:
         if r.results is not None:
-            key = json.dumps(r.setting, sort_keys=True, default=str)
-            groups.setdefault(key, Group(r.setting)).runs.append(r)
+            setting = {k: r.setting.get(k) for k in columns}
+            key = json.dumps(setting, sort_keys=True, default=str)
+            groups.setdefault(key, Group(setting)).runs.append(r)
     order = lambda g: tuple(str(g.setting.get(k)) for k in DERIVED) + (json.dumps(g.setting, default=str),)  # noqa: E731
     return sorted(groups.values(), key=order)
 
@@ -125,9 +126,12 @@ def table_rows(groups: list[Group], columns: list[str]) -> list[dict]:
 
 
 def setting_columns(runs: list[RunRecord]) -> list[str]:
+    """The derived columns, then every other key whose value differs between runs (the swept ones)."""
     keys = list(DERIVED)
     for r in runs:
-        keys += [k for k in r.setting if k not in keys]
+        for k in r.setting:
+            if k not in keys and len({str(x.setting.get(k)) for x in runs}) > 1:
+                keys.append(k)
     return keys
 
 
@@ -192,7 +196,7 @@ def report(folders, out_dir: Path | None = None) -> str:
         raise SystemExit(f"capsnet.report: no runs (no .hydra/config.yaml) under {', '.join(map(str, folders))}")
     out_dir = Path(out_dir or folders[0])
     columns = setting_columns(runs)
-    rows = table_rows(group_runs(runs), columns)
+    rows = table_rows(group_runs(runs, columns), columns)
     text = markdown(rows, columns, runs)
     (out_dir / "summary.md").write_text(text)
     write_csv(out_dir / "summary.csv", rows)
