@@ -121,3 +121,78 @@ def test_shared_transform_uses_one_matrix_for_all_inputs():
     u = torch.randn(2, 6, 4)
     u_hat = layer.predictions(u)
     torch.testing.assert_close(u_hat[1, 2], (u[1, 2] @ layer.weight[0]).view(3, 5))
+
+
+def autograd_routing(u_hat, iters, leaky=False, bias=None, detach_intermediate=False):
+    """Procedure 1 in plain differentiable torch ops: the gradient reference for the hand-written backward."""
+    from capsnet.squash import squash
+
+    u_mid = u_hat.detach() if detach_intermediate else u_hat
+    b = torch.zeros(u_hat.shape[:3], dtype=u_hat.dtype)
+    for r in range(iters):
+        uu = u_hat if r == iters - 1 else u_mid
+        logits = torch.cat([b, torch.zeros_like(b[..., :1])], -1) if leaky else b
+        c = torch.softmax(logits, -1)[..., : b.shape[-1]]
+        s = (c.unsqueeze(-1) * uu).sum(1)
+        v = squash(s + bias if bias is not None else s)
+        if r < iters - 1:
+            b = b + (uu * v.unsqueeze(1)).sum(-1)
+    return v, c
+
+
+@pytest.mark.parametrize("iters", [1, 2, 3, 5])
+@pytest.mark.parametrize("leaky, with_bias, detach", [(False, False, False), (True, False, False),
+                                                      (False, True, False), (False, False, True),
+                                                      (True, True, True)])
+def test_hand_written_backward_matches_autograd(iters, leaky, with_bias, detach):
+    u = (torch.randn(3, 11, 4, 5, dtype=torch.float64) * 0.7).requires_grad_(True)
+    bias = (torch.randn(4, 5, dtype=torch.float64) * 0.1).requires_grad_(True) if with_bias else None
+    gv, gc = torch.randn(3, 4, 5, dtype=torch.float64), torch.randn(3, 11, 4, dtype=torch.float64)
+    v, c = DynamicRouting(iters, leaky=leaky, detach_intermediate=detach)(u, bias)
+    ins = [u] + ([bias] if with_bias else [])
+    fast = torch.autograd.grad((v.double() * gv).sum() + (c.double() * gc).sum(), ins)
+    v_ref, c_ref = autograd_routing(u, iters, leaky, bias, detach)
+    torch.testing.assert_close(v.double(), v_ref, rtol=1e-5, atol=1e-6)
+    slow = torch.autograd.grad((v_ref * gv).sum() + (c_ref * gc).sum(), ins)
+    for a, b in zip(fast, slow):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-6)
+
+
+def test_the_autograd_reference_matches_the_explicit_loop():
+    u, bias = torch.randn(2, 5, 3, 4, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64) * 0.1
+    for leaky in (False, True):
+        v, c = autograd_routing(u, 3, leaky, bias)
+        v_ref, c_ref = reference_routing(u, 3, leaky, bias)
+        torch.testing.assert_close(v, v_ref)
+        torch.testing.assert_close(c, c_ref)
+
+
+def test_gradcheck_in_float64():
+    from capsnet.routing import _RoutingFunction
+    from capsnet.squash import squash
+
+    u = torch.randn(2, 3, 6, 4, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    fn = lambda u, b: _RoutingFunction.apply(u, b, 3, squash, False, False, None)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (u, bias))
+
+
+def test_naive_reference_matches_the_explicit_loop():
+    from capsnet.reference import naive_routing
+
+    u_hat = torch.randn(2, 7, 4, 5)
+    v, c = naive_routing(u_hat, 3)
+    v_ref, c_ref = reference_routing(u_hat, 3)
+    torch.testing.assert_close(v.double(), v_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(c.double(), c_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_naive_class_capsules_equal_the_fast_ones():
+    from capsnet.reference import NaiveClassCapsules
+
+    layer = ClassCapsules(in_capsules=20, in_dim=8, out_capsules=10, out_dim=16, init_std=0.1)
+    u = torch.randn(3, 20, 8)
+    v_fast, c_fast = layer(u)
+    v_naive, c_naive = NaiveClassCapsules(layer)(u)
+    torch.testing.assert_close(v_fast, v_naive, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(c_fast, c_naive, rtol=1e-4, atol=1e-6)
