@@ -171,7 +171,7 @@ def test_gradcheck_in_float64():
     from capsnet.routing import _RoutingFunction
     from capsnet.squash import squash
 
-    u = torch.randn(2, 3, 6, 4, dtype=torch.float64, requires_grad=True)
+    u = torch.randn(2, 6, 3, 4, dtype=torch.float64, requires_grad=True)  # [B, I, J, D]
     bias = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
     fn = lambda u, b: _RoutingFunction.apply(u, b, 3, squash, False, False, None)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (u, bias))

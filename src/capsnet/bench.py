@@ -57,6 +57,14 @@ class ConvBound(nn.Module):
         return self.conv2(torch.relu(self.conv1(x)))
 
 
+def cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    return platform.processor() or platform.machine()
+
+
 def mnist_batch(n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Real MNIST test images when $CAPSNET_DATA holds them, else uniform noise of the same shape."""
     root = os.environ.get("CAPSNET_DATA")
@@ -243,7 +251,7 @@ def main(argv=None) -> list[dict]:
     device = torch.device(args.device)
     memory = Memory(device)
     meta = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
-            "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+            "device": torch.cuda.get_device_name() if device.type == "cuda" else cpu_name(),
             "threads": torch.get_num_threads(), "amp": args.amp, "compile": args.compile,
             "channels_last": args.channels_last, "allocator": args.allocator,
             "steps": args.steps, "warmup": args.warmup}

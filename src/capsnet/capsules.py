@@ -64,14 +64,13 @@ class ClassCapsules(nn.Module):
         self.routing = routing if routing is not None else DynamicRouting()
 
     def predictions(self, u: torch.Tensor) -> torch.Tensor:
-        """u [B, I, in_dim] -> u_hat [B, I, J, D], stored as [B, J, I, D] for the routing."""
+        """u [B, I, in_dim] -> u_hat [B, I, J, D] (a view of [I, B, J, D] storage)."""
         bsz, n_in, _ = u.shape
         j, d = self.out_capsules, self.out_dim
         if self.shared_transform:
-            u_hat = torch.matmul(u, self.weight[0]).view(bsz, n_in, j, d)
-            return u_hat.transpose(1, 2).contiguous().transpose(1, 2)
-        u_hat = torch.bmm(u.transpose(0, 1), self.weight)  # [I, B, J*D]
-        return u_hat.view(n_in, bsz, j, d).permute(1, 2, 0, 3).contiguous().transpose(1, 2)
+            return torch.matmul(u, self.weight[0]).view(bsz, n_in, j, d)
+        u_hat = torch.bmm(u.transpose(0, 1), self.weight)  # [I, B, J*D]: one matmul per lower capsule
+        return u_hat.view(n_in, bsz, j, d).transpose(0, 1)  # a view; the routing picks its own layout
 
     def forward(self, u: torch.Tensor):
         """u [B, I, in_dim] -> (v [B, J, D], couplings [B, I, J])."""

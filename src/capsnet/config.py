@@ -30,6 +30,11 @@ class Device(str, Enum):
     cuda = "cuda"
 
 
+class Allocator(str, Enum):
+    keep = "keep"
+    default = "default"
+
+
 class OnNonFinite(str, Enum):
     error = "error"
     skip = "skip"
@@ -44,6 +49,7 @@ class TrainerSchema:
     amp: Amp = Amp.off
     num_workers: int = 0
     threads: Optional[int] = None
+    allocator: Allocator = Allocator.keep
     log_every: int = 50
     ckpt_every_steps: Optional[int] = None
     resume: Optional[str] = "auto"

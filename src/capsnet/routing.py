@@ -46,10 +46,16 @@ def _agreement(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 
 class _RoutingFunction(torch.autograd.Function):
-    """Routing on u [B, J, I, D] (contiguous, float32) with a hand-written backward."""
+    """Routing on u_hat [B, I, J, D] with a hand-written backward.
+
+    u_hat is read as [B, J, I, D]; the one copy that layout may need happens
+    here, outside autograd, and the backward drops it as soon as it is read, so
+    it never coexists with both the gradient and autograd's copy of it.
+    """
 
     @staticmethod
-    def forward(ctx, u, bias, iters, squash, leaky, detach_intermediate, record):
+    def forward(ctx, u_hat, bias, iters, squash, leaky, detach_intermediate, record):
+        u = u_hat.transpose(1, 2).contiguous()  # [B, J, I, D]; free when built by ClassCapsules
         bsz, n_out, n_in, _ = u.shape
         b = u.new_zeros(bsz, n_out, n_in)
         cs, ss = [], []
@@ -65,15 +71,16 @@ class _RoutingFunction(torch.autograd.Function):
                 b = b + _agreement(u, v)
         if record is not None:
             record.extend(x.detach().transpose(1, 2) for x in cs)
-        ctx.save_for_backward(u, *cs, *ss)
+        ctx.save_for_backward(*cs, *ss)
+        ctx.u = u  # not saved_tensors: backward releases it early
         ctx.iters, ctx.squash, ctx.has_bias, ctx.detach = iters, squash, bias is not None, detach_intermediate
         return v, c
 
     @staticmethod
     def backward(ctx, grad_v, grad_c):
-        u, *rest = ctx.saved_tensors
+        saved, u = ctx.saved_tensors, ctx.u
         iters, squash = ctx.iters, ctx.squash
-        cs, ss = rest[:iters], rest[iters:]
+        cs, ss = saved[:iters], saved[iters:]
         left, right = [], []  # grad_u = sum over pairs of left[k] (x) right[k]
         grad_bias = torch.zeros_like(ss[0][0]) if ctx.has_bias else None
         gb_next = None  # gradient w.r.t. b_{r+1}
@@ -97,11 +104,12 @@ class _RoutingFunction(torch.autograd.Function):
             c = cs[r]
             gb = c * (gc - (c * gc).sum(1, keepdim=True))  # softmax backward (leaky too: the sink has no grad)
             gb_next = gb if gb_next is None else gb + gb_next
+        ctx.u = u = None  # read for the last time above
         grad_u = None
         if ctx.needs_input_grad[0]:
             a = torch.stack(left, -1)  # [B, J, I, K]
             g = torch.stack(right, 2)  # [B, J, K, D]
-            grad_u = torch.matmul(a, g)
+            grad_u = torch.matmul(a, g).transpose(1, 2)  # back to [B, I, J, D]
         return grad_u, grad_bias, None, None, None, None, None
 
 
@@ -135,9 +143,10 @@ class DynamicRouting(nn.Module):
     def forward(self, u_hat: torch.Tensor, bias: torch.Tensor | None = None):
         """u_hat [batch, n_in, n_out, dim] -> (v [batch, n_out, dim], c [batch, n_in, n_out])."""
         with torch.autocast(u_hat.device.type, enabled=False):
-            u = at_least_float32(u_hat).transpose(1, 2).contiguous()  # a no-op when built by ClassCapsules
+            u_hat = at_least_float32(u_hat)
             self.couplings = []
-            v, c = _RoutingFunction.apply(u, None if bias is None else bias.to(u.dtype), self.iters, self.squash,
+            v, c = _RoutingFunction.apply(u_hat, None if bias is None else bias.to(u_hat.dtype), self.iters,
+                                          self.squash,
                                           self.leaky, self.detach_intermediate,
                                           self.couplings if self.record else None)
         return v, c.transpose(1, 2)

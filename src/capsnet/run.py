@@ -25,6 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from capsnet import distributed as dist_utils
 from capsnet.checkpoint import load_checkpoint, load_model_state, remove_stale_temporaries, save_checkpoint
 from capsnet.data import BatchLoader
+from capsnet.perf import configure_allocator
 from capsnet.engine import LoopHooks, LoopState, StopRequested, evaluate, train_one_epoch
 from capsnet.errors import CapsnetError
 from capsnet.tb import TensorBoard
@@ -112,6 +113,7 @@ class Run:
         self.overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
         self.device = resolve_device(t.device)
         self.autocast = autocast_factory(self.device, t.amp)
+        configure_allocator(t.allocator)
         if t.threads:
             torch.set_num_threads(int(t.threads))
         self.rank, self.world, local = dist_utils.init_distributed(self.device.type, t.dist_timeout_s)
