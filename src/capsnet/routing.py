@@ -45,12 +45,27 @@ def _agreement(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return torch.matmul(v.unsqueeze(2), u.transpose(-1, -2)).squeeze(2)
 
 
+def _outer_sum(a: torch.Tensor, g: torch.Tensor, shape, stride, chunks: int = 8) -> torch.Tensor:
+    """grad[b, i, j, :] = sum_k a[b, j, i, k] g[b, j, k, :], written into a [B, I, J, D] tensor laid out
+    like u_hat was (`stride`), a chunk of lower capsules at a time: no full-size temporary."""
+    try:
+        out = torch.empty_strided(shape, stride, dtype=g.dtype, device=g.device)
+    except RuntimeError:
+        out = g.new_empty(shape)
+    n_in = shape[1]
+    step = max(1, -(-n_in // chunks))
+    for i0 in range(0, n_in, step):
+        out[:, i0:i0 + step].copy_(torch.matmul(a[:, :, i0:i0 + step], g).transpose(1, 2))
+    return out
+
+
 class _RoutingFunction(torch.autograd.Function):
     """Routing on u_hat [B, I, J, D] with a hand-written backward.
 
     u_hat is read as [B, J, I, D]; the one copy that layout may need happens
-    here, outside autograd, and the backward drops it as soon as it is read, so
-    it never coexists with both the gradient and autograd's copy of it.
+    here, outside autograd. The gradient is returned in u_hat's own memory
+    layout, filled chunk by chunk, so autograd needs no full-size copy of it on
+    the way back to the transform matrices.
     """
 
     @staticmethod
@@ -71,14 +86,14 @@ class _RoutingFunction(torch.autograd.Function):
                 b = b + _agreement(u, v)
         if record is not None:
             record.extend(x.detach().transpose(1, 2) for x in cs)
-        ctx.save_for_backward(*cs, *ss)
-        ctx.u = u  # not saved_tensors: backward releases it early
+        ctx.save_for_backward(u, *cs, *ss)
+        ctx.in_shape, ctx.in_stride = u_hat.shape, u_hat.stride()
         ctx.iters, ctx.squash, ctx.has_bias, ctx.detach = iters, squash, bias is not None, detach_intermediate
         return v, c
 
     @staticmethod
     def backward(ctx, grad_v, grad_c):
-        saved, u = ctx.saved_tensors, ctx.u
+        u, *saved = ctx.saved_tensors
         iters, squash = ctx.iters, ctx.squash
         cs, ss = saved[:iters], saved[iters:]
         left, right = [], []  # grad_u = sum over pairs of left[k] (x) right[k]
@@ -104,12 +119,9 @@ class _RoutingFunction(torch.autograd.Function):
             c = cs[r]
             gb = c * (gc - (c * gc).sum(1, keepdim=True))  # softmax backward (leaky too: the sink has no grad)
             gb_next = gb if gb_next is None else gb + gb_next
-        ctx.u = u = None  # read for the last time above
         grad_u = None
         if ctx.needs_input_grad[0]:
-            a = torch.stack(left, -1)  # [B, J, I, K]
-            g = torch.stack(right, 2)  # [B, J, K, D]
-            grad_u = torch.matmul(a, g).transpose(1, 2)  # back to [B, I, J, D]
+            grad_u = _outer_sum(torch.stack(left, -1), torch.stack(right, 2), ctx.in_shape, ctx.in_stride)
         return grad_u, grad_bias, None, None, None, None, None
 
 
