@@ -234,6 +234,14 @@ class Run:
         tb = TensorBoard(str(self.out_dir / "tb") if self.main else None,
                          purge_step=self.state.step if path is not None else None)
         fixed = self.data.split(False)[0][:16].float().div(255).to(self.device)
+        if self.main:
+            n_train, n_test = len(self.data.split(True)[0]), len(self.data.split(False)[0])
+            print(f"capsnet: {self.cfg.model_name} ({count_parameters(self.model):,} parameters) on {self.data.name} "
+                  f"({n_train:,} train / {n_test:,} test images), {self.device}"
+                  f"{f' x {self.world} processes' if self.world > 1 else ''}, amp {self.t.amp}; "
+                  f"run directory {self.out_dir}"
+                  f"{f'; resumed at epoch {self.state.epoch + 1}, step {self.state.step}' if path else ''}",
+                  flush=True)
         started = time.perf_counter() - sum(r["seconds"] for r in self.history)
         with SignalFlag() as stop:
             hooks = LoopHooks(self.autocast, self.save, stop, tb, t.log_every, t.ckpt_every_steps,
