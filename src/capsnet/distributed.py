@@ -68,6 +68,15 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def any_process(flag: bool, device: torch.device) -> bool:
+    """True when `flag` is true on at least one process (every process must call this)."""
+    if not is_distributed():
+        return flag
+    t = torch.tensor(float(flag), device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def cleanup() -> None:
     if is_distributed():
         dist.destroy_process_group()

@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from capsnet.distributed import all_reduce_sum
+from capsnet.distributed import all_reduce_sum, any_process, is_distributed
 from capsnet.errors import NonFiniteLossError
 
 
@@ -80,7 +80,7 @@ def train_one_epoch(model, criterion, loader, optimizer, scheduler, scaler, stat
             terms = criterion(out, images, labels)
         loss = terms["loss"]
         state.batch += 1
-        if hooks.on_nonfinite == "skip" and not torch.isfinite(loss):  # a host sync, only in this mode
+        if hooks.on_nonfinite == "skip" and any_process(not torch.isfinite(loss), device):  # syncs: this mode only
             state.skipped += 1
             continue
         optimizer.zero_grad(set_to_none=True)
@@ -103,11 +103,14 @@ def train_one_epoch(model, criterion, loader, optimizer, scheduler, scaler, stat
             bar.set_postfix(loss=f"{means['loss']:.4f}", acc=f"{means['accuracy']:.2f}")
             hooks.tb.scalars({f"train/{k}": v for k, v in means.items()}, state.step)
             hooks.tb.scalars({"lr": optimizer.param_groups[0]["lr"]}, state.step)
-        if hooks.should_stop() or (hooks.ckpt_every_steps and state.step % hooks.ckpt_every_steps == 0):
+        # Several processes must stop at the same step: they agree at log boundaries only.
+        stop = (not is_distributed() or state.step % hooks.log_every == 0) and \
+            any_process(hooks.should_stop(), device)
+        if stop or (hooks.ckpt_every_steps and state.step % hooks.ckpt_every_steps == 0):
             _check_finite(first_bad)
             state.sums = {k: float(v) for k, v in sums.items()}
             hooks.save_last()
-            if hooks.should_stop():
+            if stop:
                 raise StopRequested
     bar.close()
     _check_finite(first_bad)
