@@ -162,6 +162,7 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 def plot(path: Path, rows: list[dict], columns: list[str]) -> None:
     """Test error against routing iterations, one line per setting of the other columns."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -171,15 +172,17 @@ def plot(path: Path, rows: list[dict], columns: list[str]) -> None:
     lines: dict = {}
     for r in rows:
         lines.setdefault(tuple(r[c] for c in others), []).append(r)
-    for key, rs in lines.items():
+    for n, (key, rs) in enumerate(lines.items()):
         label = ", ".join(f"{c}={v}" for c, v in zip(others, key) if v is not None)
         pts = sorted((r for r in rs if r["routing_iters"] is not None), key=lambda r: r["routing_iters"])
         if pts:
-            ax.errorbar([r["routing_iters"] for r in pts], [r["test_error_mean"] for r in pts],
+            shift = 0.04 * (n - (len(lines) - 1) / 2)  # lines side by side, so error bars stay readable
+            ax.errorbar([r["routing_iters"] + shift for r in pts], [r["test_error_mean"] for r in pts],
                         yerr=[r["test_error_std"] or 0.0 for r in pts], marker="o", capsize=3, label=label)
         for r in rs:
             if r["routing_iters"] is None:  # no routing (baseline): a horizontal reference
                 ax.axhline(r["test_error_mean"], linestyle="--", color="gray", label=label)
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("routing iterations")
     ax.set_ylabel("test error (%)")
     ax.grid(alpha=0.3)
