@@ -20,6 +20,8 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from functools import partial
 from pathlib import Path
@@ -238,7 +240,24 @@ def parse_args(argv=None):
                    help="keep: glibc keeps freed memory for reuse, as train.py does by default")
     p.add_argument("--no-naive", action="store_true", help="skip the naive reference model")
     p.add_argument("--json", type=Path, default=Path("bench.json"))
+    p.add_argument("--memory", choices=["fresh", "inline"], default="fresh",
+                   help="fresh: measure each case's peak memory in a new process (a clean heap); "
+                        "inline: in this process, after the cases before it")
+    p.add_argument("--memory-case", default=None, help=argparse.SUPPRESS)  # internal: one case, print its peak
     return p.parse_args(argv)
+
+
+def fresh_peak_mb(case: tuple, args) -> float | None:
+    """Peak memory of one case, measured by a new Python process (1 warm-up, 1 step)."""
+    kind, train, batch, iters = case
+    cmd = [sys.executable, "-m", "capsnet.bench", "--device", args.device, "--amp", args.amp,
+           "--allocator", args.allocator, "--warmup", "1", "--steps", "1",
+           "--memory-case", f"{kind},{int(train)},{batch},{iters}"]
+    cmd += ["--compile"] * args.compile + ["--channels-last"] * args.channels_last
+    cmd += ["--threads", str(args.threads)] if args.threads else []
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("{")]
+    return json.loads(lines[-1])["peak_mb"] if proc.returncode == 0 and lines else None
 
 
 def main(argv=None) -> list[dict]:
@@ -250,17 +269,25 @@ def main(argv=None) -> list[dict]:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     memory = Memory(device)
+    if args.memory_case:
+        kind, train, batch, iters = args.memory_case.split(",")
+        row = run_case(kind, bool(int(train)), int(batch), int(iters), args, device, memory)
+        print(json.dumps(row))
+        return [row]
     meta = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
             "device": torch.cuda.get_device_name() if device.type == "cuda" else cpu_name(),
             "threads": torch.get_num_threads(), "amp": args.amp, "compile": args.compile,
             "channels_last": args.channels_last, "allocator": args.allocator,
-            "steps": args.steps, "warmup": args.warmup}
+            "steps": args.steps, "warmup": args.warmup, "memory": args.memory}
     print(f"capsnet.bench: {meta['device']}, torch {meta['torch']}, {meta['threads']} threads, amp {args.amp}, "
-          f"allocator {args.allocator}, median of {args.steps} steps after {args.warmup} warm-up", flush=True)
+          f"allocator {args.allocator}, median of {args.steps} steps after {args.warmup} warm-up, "
+          f"memory {args.memory}", flush=True)
     rows = []
     for kind, train, batch, iters in plan(args):
         rows.append(run_case(kind, train, batch, iters, args, device, memory))
         r = rows[-1]
+        if args.memory == "fresh" and device.type == "cpu":
+            r["peak_mb"] = fresh_peak_mb((kind, train, batch, iters), args)
         print(f"  {kind:9s} {r['mode']:5s} batch {batch:3d} iters {iters}: {r['ms_per_step']:8.0f} ms/step, "
               f"{r['images_per_second']:7.1f} images/s", flush=True)
     add_ratios(rows)
