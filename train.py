@@ -3,6 +3,7 @@
 A thin Hydra entry point; the work is in `capsnet.run`. See README.md.
 """
 
+import os
 import sys
 from pathlib import Path
 
@@ -12,7 +13,10 @@ from omegaconf import DictConfig
 import capsnet.config  # noqa: F401  (registers the config schema)
 from capsnet.cli import guarded, preflight
 
-CONFIGS = Path(__file__).resolve().parent / "configs"
+ROOT = Path(__file__).resolve().parent
+CONFIGS = ROOT / "configs"
+# configs/train.yaml finds the experiment presets through this, from any working directory
+os.environ.setdefault("CAPSNET_EXPERIMENTS", str(ROOT / "conf_experiments"))
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")

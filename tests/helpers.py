@@ -15,6 +15,7 @@ import capsnet.config  # noqa: F401  (registers the schema)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
+os.environ.setdefault("CAPSNET_EXPERIMENTS", str(ROOT / "conf_experiments"))
 SHARED_DATA = Path(os.environ.get("CAPSNET_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
 # A CapsNet small enough to train a few steps in a second on a CPU.

@@ -42,3 +42,9 @@ def test_learns_the_synthetic_task(tiny_data, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     assert results["test_accuracy"] >= 90.0, results
+
+
+def test_train_py_finds_its_configs_and_presets_from_any_folder(tmp_path):
+    proc = run_train(["experiment=paper_mnist", "--cfg", "job"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "epochs: 50" in proc.stdout
