@@ -158,8 +158,16 @@ def test_a_checkpoint_carrying_code_is_refused_and_the_code_never_runs(tiny_data
 
 # --- output -----------------------------------------------------------------------------------
 
-def test_an_unwritable_run_directory_is_refused(tiny_data, tmp_path):
+def test_an_unwritable_out_dir_is_refused(tiny_data, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
-    refused(run_train([f"dataset.root={tiny_data}", f"out_dir={blocker / 'run'}", *FAST]),
-            "cannot write the run directory", "out_dir=")
+    refused(run_train([f"hydra.run.dir={tmp_path / 'hydra'}", f"dataset.root={tiny_data}",
+                       f"out_dir={blocker / 'run'}", *FAST]), "cannot write the run directory", "out_dir=")
+
+
+def test_an_unwritable_hydra_run_directory_is_refused_before_hydra_starts(tiny_data, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    refused(run_train([f"hydra.run.dir={blocker / 'run'}", f"dataset.root={tiny_data}", *FAST]),
+            "cannot create the run directory", "hydra.run.dir=")
+    refused(run_train(["-m", f"hydra.sweep.dir={blocker / 'sweep'}", "seed=0,1"]), "hydra.sweep.dir=")

@@ -73,7 +73,8 @@ def test_two_gloo_processes_match_one_process_on_the_same_global_batches(tiny_da
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                           "--standalone",
-                          str(ROOT / "train.py"), *args, f"out_dir={tmp_path / 'two'}"],
+                          str(ROOT / "train.py"), *args, f"out_dir={tmp_path / 'two'}",
+                          f"hydra.run.dir={tmp_path / 'two'}"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert_same_weights(weights(tmp_path / "one"), weights(tmp_path / "two"), rtol=1e-4, atol=1e-6)

@@ -62,7 +62,7 @@ def test_a_run_killed_with_sigkill_resumes_from_last_pt_and_ends_identically(tin
             "trainer.ckpt_every_steps=3", "model.features.channels=[32]"]
     assert run_train([*args, f"out_dir={tmp_path / 'whole'}"]).returncode == 0
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args, f"out_dir={out}"],
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args, f"out_dir={out}", f"hydra.run.dir={out}"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for(lambda: (out / "checkpoints" / "last.pt").exists())
     time.sleep(1.0)
@@ -81,7 +81,7 @@ def test_sigterm_saves_at_a_step_boundary_and_the_rerun_finishes_identically(tin
     run_train([*args, f"out_dir={tmp_path / 'whole'}"])
     out = tmp_path / "stopped"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args, f"out_dir={out}"], env=env,
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args, f"out_dir={out}", f"hydra.run.dir={out}"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not (out / "metrics.jsonl").exists() and time.time() < deadline:
@@ -126,7 +126,7 @@ def _children(pid):
 
 def test_a_dead_ddp_peer_makes_the_others_exit_with_an_error_in_bounded_time(tiny_data, tmp_path):
     args = [f"dataset.root={tiny_data}", *FAST, "trainer.epochs=50", "trainer.device=cpu",
-            "trainer.dist_timeout_s=30", f"out_dir={tmp_path}"]
+            "trainer.dist_timeout_s=30", f"out_dir={tmp_path}", f"hydra.run.dir={tmp_path}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
                              str(ROOT / "train.py"), *args], cwd=ROOT, env=env,

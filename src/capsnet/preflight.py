@@ -8,6 +8,7 @@ the first problem into one line that names the override and the fix.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -78,13 +79,28 @@ def check_overrides(argv: list[str], config_dir: Path, config_name: str = "train
         variants = expand(overrides)
     except HydraException as e:
         raise CapsnetError(f"cannot parse the overrides: {_first(e)}") from None
+    cli_multirun = any(a in ("-m", "--multirun") for a in argv)
     with initialize_config_dir(str(config_dir), version_base="1.3"):
         for variant in variants:
             try:
-                cfg = compose(config_name, overrides=variant)
+                cfg = compose(config_name, overrides=variant, return_hydra_config=True)
             except (HydraException, OmegaConfBaseException) as e:
                 raise CapsnetError(explain(e, _culprit(e, variant))) from None
             validate(cfg)
+        multirun = cli_multirun or str(cfg.hydra.mode).endswith("MULTIRUN")  # -m, or a sweep preset
+        check_output_folder(cfg.hydra.sweep.dir if multirun else cfg.hydra.run.dir,
+                            "hydra.sweep.dir" if multirun else "hydra.run.dir")
+
+
+def check_output_folder(path: str, key: str) -> None:
+    """The folder Hydra will create must sit under a writable folder, not under a file."""
+    target = Path(path).absolute()
+    parent = target
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise CapsnetError(f"cannot create the run directory {target}: {parent} is not a writable folder; "
+                           f"choose another with {key}=... (and out_dir=...)")
 
 
 def _culprit(err: BaseException, overrides: list[str]) -> str | None:

@@ -147,7 +147,7 @@ class Run:
 
     def _check_writable(self) -> None:
         try:
-            (self.out_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+            self.out_dir.mkdir(parents=True, exist_ok=True)
             probe = self.out_dir / ".write_test"
             probe.write_text("ok")
             probe.unlink()
