@@ -125,8 +125,6 @@ def validate(cfg: DictConfig) -> None:
         if isinstance(value, bool) or not ok(value):
             raise CapsnetError(f"{path}={value} is impossible: it must be {allowed}")
     if cfg.trainer.device == Device.cuda:
-        import torch
+        from capsnet.run import resolve_device  # refuses cuda when no GPU is visible
 
-        if not torch.cuda.is_available():
-            raise CapsnetError("trainer.device=cuda but no CUDA GPU is visible: "
-                               "use trainer.device=cpu or auto")
+        resolve_device("cuda")

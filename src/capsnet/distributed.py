@@ -1,4 +1,4 @@
-"""Rank helpers for DistributedDataParallel, after facebookresearch/mae's util/misc.py.
+"""Process-group helpers for DistributedDataParallel, after facebookresearch/mae's util/misc.py.
 
 Ranks come from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) or,
 under Slurm/submitit, from submitit's description of the job; NCCL on CUDA,
@@ -47,18 +47,6 @@ def init_distributed(device_type: str, timeout_s: float = 600.0) -> tuple[int, i
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
-
-
-def get_rank() -> int:
-    return dist.get_rank() if is_distributed() else 0
-
-
-def get_world_size() -> int:
-    return dist.get_world_size() if is_distributed() else 1
-
-
-def is_main_process() -> bool:
-    return get_rank() == 0
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

@@ -56,6 +56,16 @@ def _check_finite(first_bad: torch.Tensor) -> None:
             "instead of fp16, or trainer.on_nonfinite=skip; checkpoints/last.pt holds the last good state")
 
 
+def _all_reduce(sums: dict, device: torch.device) -> dict:
+    """Sum every entry (device tensors or host numbers) over all processes in one collective."""
+    keys = sorted(sums)  # the same order on every rank
+    if not keys:
+        return {}
+    totals = all_reduce_sum(torch.stack([torch.as_tensor(sums[k], dtype=torch.float64, device=device)
+                                         for k in keys]))
+    return dict(zip(keys, totals.tolist()))
+
+
 def _means(sums: dict) -> dict:
     n = float(sums["count"])
     means = {k: float(v) / n for k, v in sums.items() if k not in ("count", "correct")}
@@ -67,10 +77,12 @@ def train_one_epoch(model, criterion, loader, optimizer, scheduler, scaler, stat
                     hooks: LoopHooks, device: torch.device) -> dict:
     """One pass over this process's batches; returns the epoch's mean train metrics over all processes."""
     model.train()
-    sums = {k: torch.tensor(v, device=device, dtype=torch.float64) for k, v in state.sums.items()}
+    # Losses and correct counts stay on the device; the image count is known on the host.
+    sums = {k: v if k == "count" else torch.tensor(v, device=device, dtype=torch.float64)
+            for k, v in state.sums.items()}
     first_bad = torch.tensor(-1, device=device)
-    images_seen, t0 = 0, time.perf_counter()
-    bar = tqdm(loader, total=len(loader) + state.batch, initial=state.batch, disable=not hooks.progress,
+    images_seen, t0 = 0, time.perf_counter()  # timed work of this process (count also holds resumed work)
+    bar = tqdm(loader, total=len(loader), initial=state.batch, disable=not hooks.progress,
                desc=f"epoch {state.epoch + 1}", dynamic_ncols=True, leave=False)
     for images, labels in bar:
         images = images.to(device, non_blocking=True)
@@ -95,8 +107,7 @@ def train_one_epoch(model, criterion, loader, optimizer, scheduler, scaler, stat
         for k, v in terms.items():
             _add(sums, k, v.detach().double() * n)
         _add(sums, "correct", (out.scores.argmax(-1) == labels).sum().double())
-        _add(sums, "count", torch.tensor(float(n), device=device, dtype=torch.float64))
-        state.sums = sums
+        _add(sums, "count", float(n))
         if state.step % hooks.log_every == 0:
             _check_finite(first_bad)
             means = _means(sums)
@@ -115,10 +126,10 @@ def train_one_epoch(model, criterion, loader, optimizer, scheduler, scaler, stat
     bar.close()
     _check_finite(first_bad)
     seconds = time.perf_counter() - t0
-    sums = {k: all_reduce_sum(v.clone()) for k, v in sums.items()}
-    seen = all_reduce_sum(torch.tensor(float(images_seen), device=device))
-    metrics = {f"train_{k}": v for k, v in _means(sums).items()} if sums else {}
-    metrics["train_images_per_second"] = float(seen) / max(seconds, 1e-9)
+    totals = _all_reduce({**sums, "images_seen": float(images_seen)}, device)
+    seen = totals.pop("images_seen")
+    metrics = {f"train_{k}": v for k, v in _means(totals).items()} if totals else {}
+    metrics["train_images_per_second"] = seen / max(seconds, 1e-9)
     metrics["train_seconds"] = seconds
     state.sums = {}
     return metrics
@@ -138,11 +149,8 @@ def evaluate(model, criterion, loader, autocast, device: torch.device) -> dict:
         for k, v in terms.items():
             _add(sums, k, v.double() * n)
         _add(sums, "correct", (out.scores.argmax(-1) == labels).sum().double())
-        _add(sums, "count", torch.tensor(float(n), device=device, dtype=torch.float64))
-    keys = sorted(sums)  # the same order on every rank
-    totals = all_reduce_sum(torch.stack([sums[k] for k in keys])) if keys else torch.zeros(0)
-    sums = dict(zip(keys, totals))
-    means = _means(sums)
+        _add(sums, "count", float(n))
+    means = _means(_all_reduce(sums, device))
     metrics = {f"test_{k}": v for k, v in means.items()}
     metrics["test_error"] = 100.0 - metrics["test_accuracy"]
     return metrics
