@@ -75,3 +75,16 @@ def event_tags(tb_dir: Path) -> dict:
     acc.Reload()
     tags = acc.Tags()
     return {"scalars": tags["scalars"], "images": tags["images"], "histograms": tags["histograms"]}
+
+
+class MeanRouting(torch.nn.Module):
+    """A stand-in for a new routing algorithm (uniform couplings, a parameter of its own)."""
+
+    def __init__(self, scale: float = 1.0):
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, u_hat, bias=None):
+        c = torch.full(u_hat.shape[:3], 1.0 / u_hat.shape[2])
+        s = self.scale * (c.unsqueeze(-1) * u_hat).sum(1)
+        return s / (1 + s.norm(dim=-1, keepdim=True)), c

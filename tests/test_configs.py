@@ -1,8 +1,10 @@
 """Every config composes and instantiates; a wrong key fails; `_target_`s stay inside trusted packages."""
 
+import contextlib
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from hydra.utils import instantiate
 
@@ -87,3 +89,18 @@ def test_every_target_names_a_trusted_package():
         assert t.startswith(TRUSTED_TARGET_PREFIXES), f"{f}: _target_ {t}"
     dataset_classes = [yaml.safe_load(f.read_text())["dataset"] for f in (CONFIGS / "dataset").glob("*.yaml")]
     assert all(c.startswith("torchvision.datasets.") for c in dataset_classes)
+
+
+def test_a_new_routing_algorithm_is_one_module_plus_one_yaml_file(tmp_path):
+    (tmp_path / "routing").mkdir()
+    (tmp_path / "routing" / "mean.yaml").write_text("_target_: helpers.MeanRouting\nscale: 2.0\n")
+    cfg = compose_cfg([f"hydra.searchpath=[file://{tmp_path}]", "routing=mean", *TINY_CAPSNET])
+    model = instantiate(cfg.model, in_shape=(1, 28, 28), num_classes=10)
+    assert type(model.routing).__name__ == "MeanRouting" and model.routing.scale == 2.0
+    out = model(torch.rand(2, 1, 28, 28), torch.tensor([1, 2]))
+    assert out.scores.shape == (2, 10) and torch.isfinite(out.scores).all()
+    from capsnet.tb import TensorBoard
+
+    tb = TensorBoard(str(tmp_path / "tb"))
+    tb.inspect(model, torch.rand(2, 1, 28, 28), step=1, autocast=contextlib.nullcontext())  # no couplings: no crash
+    tb.close()

@@ -59,7 +59,9 @@ class TrainerSchema:
 
 
 @dataclass
-class RoutingSchema:
+class DynamicRoutingSchema:
+    """configs/routing/dynamic.yaml's schema; another routing option may bring its own, or none."""
+
     _target_: str = "capsnet.routing.DynamicRouting"
     iters: int = 3
     squash: str = "paper"
@@ -85,12 +87,13 @@ class TrainSchema:
     model: Any = None
     loss: Any = None
     dataset: Any = None
-    routing: RoutingSchema = field(default_factory=RoutingSchema)
+    routing: Any = None
     optim: OptimSchema = field(default_factory=OptimSchema)
     trainer: TrainerSchema = field(default_factory=TrainerSchema)
 
 
 ConfigStore.instance().store(name="schema", node=TrainSchema)
+ConfigStore.instance().store(group="routing", name="dynamic_schema", node=DynamicRoutingSchema)
 
 # (path, test, what is allowed): checked before any work starts.
 RANGES = [

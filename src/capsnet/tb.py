@@ -2,7 +2,8 @@
 
 Only rank 0 writes; on other ranks every method is a no-op. Tags:
 `train/*` and `test/*` scalars, `lr`, `throughput`, `reconstructions`,
-`routing/couplings_iter{r}` for each routing iteration r (1-based) and
+`routing/couplings_iter{r}` for each routing iteration r (1-based; from any
+routing module with `record`/`couplings`, as `DynamicRouting` has) and
 `capsules/lengths`.
 """
 
@@ -30,18 +31,20 @@ class TensorBoard:
         if self.writer is None:
             return
         routing = getattr(model, "routing", None)
-        if routing is not None:
+        records = hasattr(routing, "record")  # a routing module that can keep its couplings
+        if records:
             routing.record = True
         try:
             with autocast:
                 out = model(images)
         finally:
-            if routing is not None:
+            if records:
                 routing.record = False
-        if routing is not None:
+        if records:
             for r, c in enumerate(routing.couplings, start=1):
                 self.writer.add_histogram(f"routing/couplings_iter{r}", c.float().cpu(), step)
             routing.couplings = []
+        if routing is not None:
             self.writer.add_histogram("capsules/lengths", out.scores.float().cpu(), step)
         if out.reconstruction is not None:
             pairs = torch.stack([images.float(), out.reconstruction.float()], 1).flatten(0, 1)
