@@ -1,7 +1,8 @@
 """The training loop: `train_one_epoch` and `evaluate`, explicit AMP and DDP, no callbacks.
 
 Step metrics are summed on the device and read only every `log_every` steps,
-so the loop does not wait on the accelerator each step.
+so the loop does not wait on the accelerator each step (except with
+`trainer.on_nonfinite=skip`, which must look at every step's loss).
 """
 
 from __future__ import annotations

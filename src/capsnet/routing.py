@@ -8,8 +8,9 @@ the agreement u_hat[j|i] . v[j]. The loop runs in float32 with autocast off
 Speed: u_hat is by far the largest tensor of the network ([B, 1152, 10, 16]),
 and each routing iteration reads it twice. Internally it is read as
 [batch, n_out, n_in, dim], so both contractions are batched matmuls over
-contiguous memory (`ClassCapsules` produces that storage order and passes a
-transposed view). The backward pass is written by hand (`_RoutingFunction`):
+contiguous memory; reaching that layout costs one copy per forward (cheaper
+than five strided matmuls: docs/performance.md), made outside autograd, and
+the gradient goes back in the caller's own layout. The backward pass is written by hand (`_RoutingFunction`):
 autograd would write a full-size gradient of u_hat for every use in every
 iteration and add them up; here the gradient is formed once, by one batched
 matmul over all iterations' coefficients. `tests/test_routing.py` checks
@@ -70,7 +71,7 @@ class _RoutingFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u_hat, bias, iters, squash, leaky, detach_intermediate, record):
-        u = u_hat.transpose(1, 2).contiguous()  # [B, J, I, D]; free when built by ClassCapsules
+        u = u_hat.transpose(1, 2).contiguous()  # [B, J, I, D]: the one copy of u_hat
         bsz, n_out, n_in, _ = u.shape
         b = u.new_zeros(bsz, n_out, n_in)
         cs, ss = [], []
