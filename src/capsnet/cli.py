@@ -31,7 +31,7 @@ def guarded(fn):
         from capsnet.config import validate
 
         try:
-            validate(cfg)
+            validate(cfg)  # again: launcher jobs (submitit, joblib) reach here without train.py's preflight
             return fn(cfg)
         except CapsnetError as e:
             if debugging():
