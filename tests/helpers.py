@@ -67,6 +67,32 @@ def run_train(args, env_extra=None, timeout=600, cwd=ROOT) -> subprocess.Complet
                           capture_output=True, text=True, timeout=timeout)
 
 
+# Runs train.py and sends itself `signal` right after its `step`-th optimiser step: a fault that lands
+# at the same point of the run on a fast or a slow machine (no sleeps, no races with the run's end).
+_SIGNAL_AT_STEP = """
+import os, runpy, signal, sys
+from torch.optim.optimizer import register_optimizer_step_post_hook
+step, sig, train_py = int(sys.argv[1]), getattr(signal, sys.argv[2]), sys.argv[3]
+done = 0
+def hook(optimizer, args, kwargs):
+    global done
+    done += 1
+    if done == step:
+        os.kill(os.getpid(), sig)
+register_optimizer_step_post_hook(hook)
+sys.argv = sys.argv[3:]
+runpy.run_path(train_py, run_name="__main__")
+"""
+
+
+def run_train_signalled(args, step: int, signame: str, timeout=600) -> subprocess.CompletedProcess:
+    """`python train.py ARGS`, which receives `signame` (e.g. SIGKILL, SIGTERM) after its step-th step."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.run([sys.executable, "-c", _SIGNAL_AT_STEP, str(step), signame, str(ROOT / "train.py"),
+                           *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
 def event_tags(tb_dir: Path) -> dict:
     """{'scalars': [...], 'images': [...], 'histograms': [...]} found in a TensorBoard folder."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from capsnet.checkpoint import load_checkpoint
-from helpers import ROOT, TINY_CAPSNET, run_train
+from helpers import ROOT, TINY_CAPSNET, run_train, run_train_signalled
 
 FAST = ["trainer.progress=false", "dataset.download=false", "trainer.batch_size=32", *TINY_CAPSNET]
 
@@ -62,13 +62,11 @@ def test_a_run_killed_with_sigkill_resumes_from_last_pt_and_ends_identically(tin
             "trainer.ckpt_every_steps=3", "model.features.channels=[32]"]
     assert run_train([*args, f"out_dir={tmp_path / 'whole'}"]).returncode == 0
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args, f"out_dir={out}", f"hydra.run.dir={out}"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for(lambda: (out / "checkpoints" / "last.pt").exists())
-    time.sleep(1.0)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
+    # killed at step 44 of 64 (epoch 2), two steps after the last save at step 42
+    killed = run_train_signalled([*args, f"out_dir={out}", f"hydra.run.dir={out}"], step=44, signame="SIGKILL")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert not (out / "results.json").exists()
+    assert load_checkpoint(out / "checkpoints" / "last.pt")["loop"]["step"] == 42
     rerun = run_train([*args, f"out_dir={out}"])  # trainer.resume=auto
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert_same_weights(weights(tmp_path / "whole"), weights(out))
@@ -78,20 +76,12 @@ def test_a_run_killed_with_sigkill_resumes_from_last_pt_and_ends_identically(tin
 def test_sigterm_saves_at_a_step_boundary_and_the_rerun_finishes_identically(tiny_data, tmp_path):
     args = [f"dataset.root={tiny_data}", *FAST, "trainer.epochs=3", "trainer.batch_size=8",
             "model.features.channels=[32]"]
-    run_train([*args, f"out_dir={tmp_path / 'whole'}"])
+    assert run_train([*args, f"out_dir={tmp_path / 'whole'}"]).returncode == 0
     out = tmp_path / "stopped"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args, f"out_dir={out}", f"hydra.run.dir={out}"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not (out / "metrics.jsonl").exists() and time.time() < deadline:
-        time.sleep(0.05)  # stop it during epoch 2, after epoch 1's checkpoint
-    proc.send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 0, stderr[-2000:]
-    assert "stopped by SIGTERM" in stdout
-    state = load_checkpoint(out / "checkpoints" / "last.pt")
-    assert state["loop"]["step"] < 3 * 256 // 8
+    stopped = run_train_signalled([*args, f"out_dir={out}", f"hydra.run.dir={out}"], step=45, signame="SIGTERM")
+    assert stopped.returncode == 0, stopped.stderr[-2000:]
+    assert "stopped by SIGTERM at step 45" in stopped.stdout
+    assert load_checkpoint(out / "checkpoints" / "last.pt")["loop"]["step"] == 45  # mid epoch 2
     assert not (out / "results.json").exists()
     assert run_train([*args, f"out_dir={out}"]).returncode == 0
     assert_same_weights(weights(tmp_path / "whole"), weights(out))
@@ -125,7 +115,7 @@ def _children(pid):
 
 
 def test_a_dead_ddp_peer_makes_the_others_exit_with_an_error_in_bounded_time(tiny_data, tmp_path):
-    args = [f"dataset.root={tiny_data}", *FAST, "trainer.epochs=50", "trainer.device=cpu",
+    args = [f"dataset.root={tiny_data}", *FAST, "trainer.epochs=1000", "trainer.device=cpu",
             "trainer.dist_timeout_s=30", f"out_dir={tmp_path}", f"hydra.run.dir={tmp_path}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
