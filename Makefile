@@ -29,10 +29,10 @@ test-all: setup  ## every test, the slow end-to-end ones included
 	$(TEST_ENV) $(PY) -m pytest $(ARGS)
 
 bench: setup  ## speed and memory table of a CapsNet step (writes bench.json)
-	$(PY) -m capsnet.bench $(ARGS)
+	$(PY) -m capsnet.tools.bench $(ARGS)
 
 report: setup  ## summarise a sweep: make report DIR=outputs/multirun/<date>/<time>
-	$(PY) -m capsnet.report $(DIR)
+	$(PY) -m capsnet.tools.report $(DIR)
 
 tb: setup  ## TensorBoard over every run
 	$(VENV)/bin/tensorboard --logdir outputs

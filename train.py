@@ -1,6 +1,6 @@
 """Train a capsule network: `python train.py model=capsnet dataset=mnist routing.iters=3`.
 
-A thin Hydra entry point; the work is in `capsnet.run`. See README.md.
+A thin Hydra entry point; the work is in `capsnet.train.run`. See README.md.
 """
 
 import os
@@ -10,8 +10,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-import capsnet.config  # noqa: F401  (registers the config schema)
-from capsnet.cli import guarded, preflight
+import capsnet.cli.schema  # noqa: F401  (registers the config schema)
+from capsnet.cli.errors import guarded, preflight
 
 ROOT = Path(__file__).resolve().parent
 CONFIGS = ROOT / "configs"
@@ -22,7 +22,7 @@ os.environ.setdefault("CAPSNET_EXPERIMENTS", str(ROOT / "conf_experiments"))
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 @guarded
 def main(cfg: DictConfig) -> float:
-    from capsnet.run import train
+    from capsnet.train.run import train
 
     return train(cfg)
 

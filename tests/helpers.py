@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
-import capsnet.config  # noqa: F401  (registers the schema)
+import capsnet.cli.schema  # noqa: F401  (registers the schema)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"

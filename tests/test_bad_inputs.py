@@ -6,7 +6,7 @@ import struct
 import pytest
 import torch
 
-from capsnet.checkpoint import save_checkpoint
+from capsnet.train.checkpoint import save_checkpoint
 from helpers import TINY_CAPSNET, make_mnist, run_train
 
 FAST = ["trainer.progress=false", "dataset.download=false", "trainer.epochs=1", *TINY_CAPSNET]

@@ -2,7 +2,7 @@
 
 import json
 
-from capsnet.bench import main
+from capsnet.tools.bench import main
 
 
 def test_bench_reports_every_case_with_ratios_and_writes_json(tmp_path, capsys):
@@ -24,7 +24,7 @@ def test_bench_reports_every_case_with_ratios_and_writes_json(tmp_path, capsys):
 
 
 def test_fresh_process_memory_measurement_returns_a_figure():
-    from capsnet.bench import fresh_peak_mb, parse_args
+    from capsnet.tools.bench import fresh_peak_mb, parse_args
 
     peak = fresh_peak_mb(("capsnet", True, 2, 1), parse_args(["--device", "cpu"]))
     assert peak is not None and peak > 0

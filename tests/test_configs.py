@@ -99,7 +99,7 @@ def test_a_new_routing_algorithm_is_one_module_plus_one_yaml_file(tmp_path):
     assert type(model.routing).__name__ == "MeanRouting" and model.routing.scale == 2.0
     out = model(torch.rand(2, 1, 28, 28), torch.tensor([1, 2]))
     assert out.scores.shape == (2, 10) and torch.isfinite(out.scores).all()
-    from capsnet.tb import TensorBoard
+    from capsnet.train.tb import TensorBoard
 
     tb = TensorBoard(str(tmp_path / "tb"))
     tb.inspect(model, torch.rand(2, 1, 28, 28), step=1, autocast=contextlib.nullcontext())  # no couplings: no crash

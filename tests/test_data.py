@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from capsnet.data import BatchLoader, TorchvisionImages, random_shift
+from capsnet.data.images import BatchLoader, TorchvisionImages, random_shift
 from capsnet.errors import DatasetError
 
 

@@ -8,14 +8,14 @@ import sys
 import pytest
 import torch
 
-from capsnet.checkpoint import load_checkpoint
+from capsnet.train.checkpoint import load_checkpoint
 from helpers import ROOT, TINY_CAPSNET, compose_cfg, run_train
 
 FAST = ["trainer.progress=false", "dataset.download=false", "trainer.batch_size=32", *TINY_CAPSNET]
 
 
 def fit(data_root, out_dir, *overrides):
-    from capsnet.run import Run
+    from capsnet.train.run import Run
 
     cfg = compose_cfg([f"dataset.root={data_root}", f"out_dir={out_dir}", *FAST, *overrides])
     return Run(cfg).fit()

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from capsnet.checkpoint import load_checkpoint
+from capsnet.train.checkpoint import load_checkpoint
 from helpers import ROOT, TINY_CAPSNET, run_train, run_train_signalled
 
 FAST = ["trainer.progress=false", "dataset.download=false", "trainer.batch_size=32", *TINY_CAPSNET]
@@ -39,7 +39,7 @@ def test_sigkill_while_writing_a_checkpoint_leaves_the_previous_one_loadable(tmp
     path = tmp_path / "last.pt"
     writer = textwrap.dedent(f"""
         import torch
-        from capsnet.checkpoint import save_checkpoint
+        from capsnet.train.checkpoint import save_checkpoint
         i = 0
         while True:  # large saves, so the kill lands mid-write most of the time
             save_checkpoint({{"model": {{"w": torch.full((4_000_000,), float(i))}}, "i": i}}, {str(path)!r})

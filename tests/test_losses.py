@@ -1,6 +1,6 @@
 import torch
 
-from capsnet.losses import CapsuleLoss, margin_loss, reconstruction_loss
+from capsnet.losses.capsule import CapsuleLoss, margin_loss, reconstruction_loss
 from capsnet.models import ModelOutput
 
 

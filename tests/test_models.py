@@ -2,7 +2,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from capsnet.run import count_parameters
+from capsnet.train.run import count_parameters
 from helpers import TINY_CAPSNET, compose_cfg
 
 

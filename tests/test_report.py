@@ -1,4 +1,4 @@
-"""A tiny real sweep on synthetic data, then `python -m capsnet.report` on it."""
+"""A tiny real sweep on synthetic data, then `python -m capsnet.tools.report` on it."""
 
 import csv
 import json
@@ -26,7 +26,7 @@ def sweep(tmp_path_factory):
 
 
 def run_report(*folders):
-    return subprocess.run([sys.executable, "-m", "capsnet.report", *map(str, folders)],
+    return subprocess.run([sys.executable, "-m", "capsnet.tools.report", *map(str, folders)],
                           capture_output=True, text=True, timeout=120)
 
 

@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from capsnet.capsules import ClassCapsules
-from capsnet.routing import DynamicRouting
+from capsnet.nn.capsules import ClassCapsules
+from capsnet.routing.dynamic import DynamicRouting
 
 
 def reference_routing(u_hat, iters, leaky=False, bias=None):
@@ -125,7 +125,7 @@ def test_shared_transform_uses_one_matrix_for_all_inputs():
 
 def autograd_routing(u_hat, iters, leaky=False, bias=None, detach_intermediate=False):
     """Procedure 1 in plain differentiable torch ops: the gradient reference for the hand-written backward."""
-    from capsnet.squash import squash
+    from capsnet.nn.squash import squash
 
     u_mid = u_hat.detach() if detach_intermediate else u_hat
     b = torch.zeros(u_hat.shape[:3], dtype=u_hat.dtype)
@@ -168,8 +168,8 @@ def test_the_autograd_reference_matches_the_explicit_loop():
 
 
 def test_gradcheck_in_float64():
-    from capsnet.routing import _RoutingFunction
-    from capsnet.squash import squash
+    from capsnet.routing.dynamic import _RoutingFunction
+    from capsnet.nn.squash import squash
 
     u = torch.randn(2, 6, 3, 4, dtype=torch.float64, requires_grad=True)  # [B, I, J, D]
     bias = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
@@ -178,7 +178,7 @@ def test_gradcheck_in_float64():
 
 
 def test_naive_reference_matches_the_explicit_loop():
-    from capsnet.reference import naive_routing
+    from capsnet.routing.naive import naive_routing
 
     u_hat = torch.randn(2, 7, 4, 5)
     v, c = naive_routing(u_hat, 3)
@@ -188,7 +188,7 @@ def test_naive_reference_matches_the_explicit_loop():
 
 
 def test_naive_class_capsules_equal_the_fast_ones():
-    from capsnet.reference import NaiveClassCapsules
+    from capsnet.routing.naive import NaiveClassCapsules
 
     layer = ClassCapsules(in_capsules=20, in_dim=8, out_capsules=10, out_dim=16, init_std=0.1)
     u = torch.randn(3, 20, 8)

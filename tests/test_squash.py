@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from capsnet.squash import Squash, get_squash, squash, squash_efficient, squash_keras
+from capsnet.nn.squash import Squash, get_squash, squash, squash_efficient, squash_keras
 
 
 def reference_scale(length: float, variant: str) -> float:

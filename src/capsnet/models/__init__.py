@@ -1,6 +1,6 @@
 """Models assembled from the capsnet parts; every model returns a `ModelOutput`."""
 
-from capsnet.models.output import ModelOutput
+from capsnet.types import ModelOutput
 from capsnet.models.capsnet import CapsNet
 from capsnet.models.baseline import BaselineCNN
 

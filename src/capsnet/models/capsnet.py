@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from capsnet.models.output import ModelOutput
+from capsnet.types import ModelOutput
 
 
 class CapsNet(nn.Module):

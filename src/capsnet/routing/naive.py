@@ -3,7 +3,7 @@
 `u_hat` comes from a per-sample copy of W (W expanded over the batch), the
 weighted sum and the agreement are broadcast multiply-and-sum, and autograd
 does the backward. Correct (tests check it against an explicit loop) and slow:
-`python -m capsnet.bench` shows by how much.
+`python -m capsnet.tools.bench` shows by how much.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from capsnet.squash import get_squash
+from capsnet.nn.squash import get_squash
 
 
 def naive_routing(u_hat: torch.Tensor, iters: int, squash=get_squash("paper"), leaky: bool = False):

@@ -22,13 +22,13 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 
-from capsnet import distributed as dist_utils
-from capsnet.checkpoint import load_checkpoint, load_model_state, remove_stale_temporaries, save_checkpoint
-from capsnet.data import BatchLoader
-from capsnet.perf import configure_allocator
-from capsnet.engine import LoopHooks, LoopState, StopRequested, evaluate, train_one_epoch
+from capsnet.train import distributed as dist_utils
+from capsnet.train.checkpoint import load_checkpoint, load_model_state, remove_stale_temporaries, save_checkpoint
+from capsnet.data.images import BatchLoader
+from capsnet.train.perf import configure_allocator
+from capsnet.train.engine import LoopHooks, LoopState, StopRequested, evaluate, train_one_epoch
 from capsnet.errors import CapsnetError
-from capsnet.tb import TensorBoard
+from capsnet.train.tb import TensorBoard
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 

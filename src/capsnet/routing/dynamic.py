@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from capsnet.squash import at_least_float32, get_squash
+from capsnet.nn.squash import at_least_float32, get_squash
 
 
 def coupling_softmax(b: torch.Tensor, dim: int, leaky: bool) -> torch.Tensor:
@@ -131,7 +131,7 @@ class DynamicRouting(nn.Module):
 
     Args:
         iters: routing iterations r (paper: 3). 1 gives uniform couplings.
-        squash: squash variant applied to s (see `capsnet.squash`).
+        squash: squash variant applied to s (see `capsnet.nn.squash`).
         detach_intermediate: stop gradients through u_hat in all but the last
             iteration, as many re-implementations do (off: the paper's maths).
         leaky: leaky routing, an extra "none of the above" logit fixed at 0

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from capsnet.models.output import ModelOutput
+from capsnet.types import ModelOutput
 
 
 def as_multi_hot(target: torch.Tensor, num_classes: int) -> torch.Tensor:

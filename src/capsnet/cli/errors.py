@@ -28,7 +28,7 @@ def guarded(fn):
 
     @functools.wraps(fn)
     def wrapper(cfg):
-        from capsnet.config import validate
+        from capsnet.cli.schema import validate
 
         try:
             validate(cfg)  # again: launcher jobs (submitit, joblib) reach here without train.py's preflight
@@ -42,10 +42,10 @@ def guarded(fn):
 
 
 def preflight(argv: list[str], config_dir) -> None:
-    """Refuse a bad command line in one line before Hydra starts (see capsnet.preflight)."""
+    """Refuse a bad command line in one line before Hydra starts (see capsnet.cli.preflight)."""
     if debugging():
         return
-    from capsnet.preflight import check_overrides
+    from capsnet.cli.preflight import check_overrides
 
     try:
         check_overrides(argv, config_dir)

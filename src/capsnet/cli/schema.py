@@ -62,7 +62,7 @@ class TrainerSchema:
 class DynamicRoutingSchema:
     """configs/routing/dynamic.yaml's schema; another routing option may bring its own, or none."""
 
-    _target_: str = "capsnet.routing.DynamicRouting"
+    _target_: str = "capsnet.routing.dynamic.DynamicRouting"
     iters: int = 3
     squash: str = "paper"
     detach_intermediate: bool = False
@@ -128,6 +128,6 @@ def validate(cfg: DictConfig) -> None:
         if isinstance(value, bool) or not ok(value):
             raise CapsnetError(f"{path}={value} is impossible: it must be {allowed}")
     if cfg.trainer.device == Device.cuda:
-        from capsnet.run import resolve_device  # refuses cuda when no GPU is visible
+        from capsnet.train.run import resolve_device  # refuses cuda when no GPU is visible
 
         resolve_device("cuda")

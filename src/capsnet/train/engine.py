@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from capsnet.distributed import all_reduce_sum, any_process, is_distributed
+from capsnet.train.distributed import all_reduce_sum, any_process, is_distributed
 from capsnet.errors import NonFiniteLossError
 
 
@@ -38,7 +38,7 @@ class LoopHooks:
     autocast: Callable  # () -> autocast context manager
     save_last: Callable[[], None]  # write checkpoints/last.pt from the current state
     should_stop: Callable[[], bool]  # a signal asked the run to stop
-    tb: object  # capsnet.tb.TensorBoard
+    tb: object  # capsnet.train.tb.TensorBoard
     log_every: int = 50
     ckpt_every_steps: int | None = None
     on_nonfinite: str = "error"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from capsnet.routing import DynamicRouting
-from capsnet.squash import get_squash
+from capsnet.routing.dynamic import DynamicRouting
+from capsnet.nn.squash import get_squash
 
 
 class PrimaryCapsules(nn.Module):

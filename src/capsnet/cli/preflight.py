@@ -70,7 +70,7 @@ def expand(overrides: list[str]) -> list[list[str]]:
 
 def check_overrides(argv: list[str], config_dir: Path, config_name: str = "train") -> None:
     """Raise a one-line CapsnetError for the first override that cannot compose or validate."""
-    from capsnet.config import validate
+    from capsnet.cli.schema import validate
 
     if any(a.split("=")[0] in HYDRA_ONLY_FLAGS for a in argv):
         return

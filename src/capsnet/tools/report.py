@@ -1,4 +1,4 @@
-"""Turn sweeps into the table and plot of a paper: `python -m capsnet.report <sweep dir> [...]`.
+"""Turn sweeps into the table and plot of a paper: `python -m capsnet.tools.report <sweep dir> [...]`.
 
 Reads every run below the given folders (a Hydra job folder holds
 `.hydra/config.yaml`; finished runs also `results.json`), groups them by
@@ -196,7 +196,7 @@ def plot(path: Path, rows: list[dict], columns: list[str]) -> None:
 def report(folders, out_dir: Path | None = None) -> str:
     runs = find_runs(folders)
     if not runs:
-        raise SystemExit(f"capsnet.report: no runs (no .hydra/config.yaml) under {', '.join(map(str, folders))}")
+        raise SystemExit(f"capsnet.tools.report: no runs (no .hydra/config.yaml) under {', '.join(map(str, folders))}")
     out_dir = Path(out_dir or folders[0])
     columns = setting_columns(runs)
     rows = table_rows(group_runs(runs, columns), columns)
@@ -208,13 +208,13 @@ def report(folders, out_dir: Path | None = None) -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m capsnet.report", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m capsnet.tools.report", description=__doc__.splitlines()[0])
     parser.add_argument("folders", nargs="+", type=Path, help="sweep folders (outputs/multirun/<date>/<time>)")
     parser.add_argument("--out", type=Path, default=None, help="where to write (default: the first folder)")
     args = parser.parse_args(argv)
     missing = [f for f in args.folders if not f.is_dir()]
     if missing:
-        sys.exit(f"capsnet.report: error: {missing[0]} is not a folder: give a sweep's output folder")
+        sys.exit(f"capsnet.tools.report: error: {missing[0]} is not a folder: give a sweep's output folder")
     print(report(args.folders, args.out), end="")
 
 

@@ -1,9 +1,9 @@
-"""Speed and memory of a CapsNet step: `python -m capsnet.bench` (or `make bench`).
+"""Speed and memory of a CapsNet step: `python -m capsnet.tools.bench` (or `make bench`).
 
 Runs, in one process and one after another: (a) our CapsNet's training step
 (forward, margin + reconstruction loss, backward, Adam) and inference; (b) the
 same model with the naive parts most public re-implementations use
-(`capsnet.reference`); (c) the conv-only bound: just Conv1 and the
+(`capsnet.routing.naive`); (c) the conv-only bound: just Conv1 and the
 PrimaryCaps convolution of the same shapes, forward and backward, which no
 routing trick can beat; then a sweep of routing iterations. Prints one table
 (median ms per step, images/s, peak memory, ratios to the bound and to the
@@ -29,14 +29,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from capsnet.capsules import ClassCapsules, PrimaryCapsules
-from capsnet.decoder import ReconstructionDecoder
-from capsnet.features import ConvFeatures
-from capsnet.losses import CapsuleLoss
+from capsnet.nn.capsules import ClassCapsules, PrimaryCapsules
+from capsnet.nn.decoder import ReconstructionDecoder
+from capsnet.nn.features import ConvFeatures
+from capsnet.losses.capsule import CapsuleLoss
 from capsnet.models import CapsNet
-from capsnet.perf import configure_allocator, release_free_memory
-from capsnet.reference import NaiveClassCapsules
-from capsnet.routing import DynamicRouting
+from capsnet.train.perf import configure_allocator, release_free_memory
+from capsnet.routing.naive import NaiveClassCapsules
+from capsnet.routing.dynamic import DynamicRouting
 
 
 def build_capsnet(iters: int = 3, naive: bool = False) -> CapsNet:
@@ -225,7 +225,7 @@ def format_table(rows: list[dict]) -> str:
 
 def parse_args(argv=None):
     ints = lambda s: [int(v) for v in s.split(",")]  # noqa: E731
-    p = argparse.ArgumentParser(prog="python -m capsnet.bench", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m capsnet.tools.bench", description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off")
     p.add_argument("--compile", action="store_true", help="torch.compile our model")
@@ -250,7 +250,7 @@ def parse_args(argv=None):
 def fresh_peak_mb(case: tuple, args) -> float | None:
     """Peak memory of one case, measured by a new Python process (1 warm-up, 1 step)."""
     kind, train, batch, iters = case
-    cmd = [sys.executable, "-m", "capsnet.bench", "--device", args.device, "--amp", args.amp,
+    cmd = [sys.executable, "-m", "capsnet.tools.bench", "--device", args.device, "--amp", args.amp,
            "--allocator", args.allocator, "--warmup", "1", "--steps", "1",
            "--memory-case", f"{kind},{int(train)},{batch},{iters}"]
     cmd += ["--compile"] * args.compile + ["--channels-last"] * args.channels_last
@@ -263,7 +263,7 @@ def fresh_peak_mb(case: tuple, args) -> float | None:
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     if args.amp == "fp16" and args.device != "cuda":
-        raise SystemExit("capsnet.bench: error: --amp fp16 needs --device cuda")
+        raise SystemExit("capsnet.tools.bench: error: --amp fp16 needs --device cuda")
     configure_allocator(args.allocator)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -279,7 +279,7 @@ def main(argv=None) -> list[dict]:
             "threads": torch.get_num_threads(), "amp": args.amp, "compile": args.compile,
             "channels_last": args.channels_last, "allocator": args.allocator,
             "steps": args.steps, "warmup": args.warmup, "memory": args.memory}
-    print(f"capsnet.bench: {meta['device']}, torch {meta['torch']}, {meta['threads']} threads, amp {args.amp}, "
+    print(f"capsnet.tools.bench: {meta['device']}, torch {meta['torch']}, {meta['threads']} threads, amp {args.amp}, "
           f"allocator {args.allocator}, median of {args.steps} steps after {args.warmup} warm-up, "
           f"memory {args.memory}", flush=True)
     rows = []

@@ -1,0 +1,1 @@
+"""Routing algorithms between two capsule layers."""

@@ -1,0 +1,1 @@
+"""Tools around training: the benchmark and the sweep report."""

@@ -1,0 +1,1 @@
+"""Training: building a run from its config, the loop, checkpoints, processes, TensorBoard."""
