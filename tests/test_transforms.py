@@ -237,8 +237,8 @@ def test_resize_equals_tensorflows_rule(half_pixel, out_hw):
 def every_transform():
     return [T.Pad(padding=2), T.RandomShift(max_shift=2), T.RandomCrop(size=6, padding=1), T.CenterCrop(size=5),
             T.RandomHorizontalFlip(p=0.5), T.RandomBrightness(max_delta=0.2), T.RandomContrast(lower=0.2, upper=1.8),
-            T.Resize(size=(7, 6)), T.Resize(size=4, half_pixel_centers=False), T.Normalize(mean=[0.5, 0.4], std=[0.2, 0.3]),
-            T.Standardize()]
+            T.Resize(size=(7, 6)), T.Resize(size=4, half_pixel_centers=False),
+            T.Normalize(mean=[0.5, 0.4], std=[0.2, 0.3]), T.Standardize()]
 
 
 @pytest.mark.parametrize("device", DEVICES)

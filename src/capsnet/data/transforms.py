@@ -373,7 +373,7 @@ class Transforms:
 
     @property
     def random(self) -> bool:
-        """Whether any transform draws parameters (a loader may skip draw() otherwise)."""
+        """Whether any transform may draw parameters (False: a loader can skip draw() and pass None)."""
         return any(not isinstance(t, Transform) or type(t).draw is not Transform.draw for t in self.transforms)
 
     def draw(self, n: int, generator: torch.Generator) -> list[torch.Tensor | None]:
