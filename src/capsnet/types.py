@@ -40,14 +40,17 @@ class Batch:
         move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
         return Batch(move(self.images), move(self.labels), {k: move(v) for k, v in self.targets.items()})
 
+    def pin_memory(self) -> "Batch":
+        """Page-locked copies, for DataLoader workers feeding a GPU."""
+        return Batch(self.images.pin_memory(), self.labels.pin_memory(),
+                     {k: v.pin_memory() for k, v in self.targets.items()})
+
     @property
-    def recon_classes(self) -> torch.Tensor:
-        """[B, R] class ids whose capsules the decoder reconstructs in training."""
+    def recon_classes(self) -> torch.Tensor | None:
+        """[B, R] class ids whose capsules the decoder reconstructs in training (None: not known)."""
         if "recon_classes" in self.targets:
             return self.targets["recon_classes"]
-        if self.labels.dim() != 1:
-            raise ValueError("a multi-label batch must say which classes to reconstruct (targets['recon_classes'])")
-        return self.labels.unsqueeze(1)
+        return self.labels.unsqueeze(1) if self.labels.dim() == 1 else None
 
     @property
     def recon_targets(self) -> torch.Tensor:

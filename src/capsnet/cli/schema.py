@@ -2,8 +2,9 @@
 
 Registered with Hydra's ConfigStore as `schema` (first in configs/train.yaml's
 defaults), so an unknown key (`routing.iter=3`) or a wrong type
-(`trainer.batch_size=1.5`) fails when the config is composed. Module
-arguments are not mirrored here: the modules check their own.
+(`trainer.batch_size=1.5`) fails when the config is composed. The trainer's
+defaults live here and nowhere else. The modules' own arguments (model,
+dataset, loss, ...) are checked by the modules when they are built.
 """
 
 from __future__ import annotations
@@ -40,22 +41,30 @@ class OnNonFinite(str, Enum):
     skip = "skip"
 
 
+class MonitorMode(str, Enum):
+    auto = "auto"
+    max = "max"
+    min = "min"
+
+
 @dataclass
 class TrainerSchema:
     epochs: int = 10
-    batch_size: int = 128
-    eval_batch_size: int = 256
-    device: Device = Device.auto
-    amp: Amp = Amp.off
-    num_workers: int = 0
-    threads: Optional[int] = None
-    allocator: Allocator = Allocator.keep
-    log_every: int = 50
-    ckpt_every_steps: Optional[int] = None
-    resume: Optional[str] = "auto"
-    on_nonfinite: OnNonFinite = OnNonFinite.error
-    progress: bool = True
-    dist_timeout_s: float = 600.0
+    batch_size: int = 128  # global: split evenly over the processes of a torchrun/Slurm job
+    eval_batch_size: int = 256  # per process
+    device: Device = Device.auto  # auto | cpu | cuda
+    amp: Amp = Amp.off  # off | bf16 | fp16 (fp16 needs CUDA; adds a grad scaler)
+    num_workers: int = 0  # batches are built from in-memory tensors: workers rarely pay
+    threads: Optional[int] = None  # torch.set_num_threads; null: PyTorch's default
+    allocator: Allocator = Allocator.keep  # keep: glibc keeps freed memory for reuse (faster CPU steps)
+    log_every: int = 50  # steps between reads of the running metrics (the only host syncs)
+    ckpt_every_steps: Optional[int] = None  # also write last.pt every N steps (null: after every epoch only)
+    resume: Optional[str] = "auto"  # auto: continue from <run dir>/checkpoints/last.pt | a path | null
+    on_nonfinite: OnNonFinite = OnNonFinite.error  # error: stop at a NaN/inf loss | skip: skip and count
+    progress: bool = True  # tqdm progress bar (rank 0)
+    dist_timeout_s: float = 600.0  # collectives wait at most this long for a dead peer
+    monitor: str = "test/accuracy"  # "<eval set>/<value>" that picks best.pt (e.g. val/accuracy with dataset.val_size)
+    monitor_mode: MonitorMode = MonitorMode.auto  # auto: lower is better for *error and *loss, else higher
 
 
 @dataclass
@@ -86,6 +95,7 @@ class TrainSchema:
     model_name: str = "capsnet"
     model: Any = None
     loss: Any = None
+    metrics: Any = None
     dataset: Any = None
     routing: Any = None
     optim: OptimSchema = field(default_factory=OptimSchema)
@@ -113,6 +123,8 @@ RANGES = [
     ("optim.decay_steps", lambda v: v >= 1, "a whole number >= 1"),
     ("dataset.train_subset", lambda v: v is None or v >= 1, "null or a whole number >= 1"),
     ("dataset.test_subset", lambda v: v is None or v >= 1, "null or a whole number >= 1"),
+    ("dataset.val_size", lambda v: v >= 0, "a whole number >= 0"),
+    ("dataset.shift", lambda v: v >= 0, "a whole number of pixels >= 0"),
     ("loss.recon_weight", lambda v: v >= 0, "a number >= 0"),
 ]
 
@@ -128,6 +140,6 @@ def validate(cfg: DictConfig) -> None:
         if isinstance(value, bool) or not ok(value):
             raise CapsnetError(f"{path}={value} is impossible: it must be {allowed}")
     if cfg.trainer.device == Device.cuda:
-        from capsnet.train.run import resolve_device  # refuses cuda when no GPU is visible
+        from capsnet.train.runtime import resolve_device  # refuses cuda when no GPU is visible
 
         resolve_device("cuda")

@@ -1,4 +1,4 @@
-"""Losses of Sabour et al. (2017), section 3 (margin) and 4.1 (reconstruction)."""
+"""Losses of Sabour et al. (2017): the margin loss (section 3, Eq. 4) and the reconstruction loss (section 4.1)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from capsnet.types import ModelOutput
+from capsnet.types import Batch, ModelOutput
 
 
 def as_multi_hot(target: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -26,9 +26,12 @@ def margin_loss(lengths: torch.Tensor, target: torch.Tensor, m_plus: float = 0.9
     return (present + absent).sum(-1).mean()
 
 
-def reconstruction_loss(reconstruction: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-    """Sum of squared errors over the pixels, mean over the batch."""
-    err = reconstruction.float() - images.float()
+def reconstruction_loss(reconstructions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Sum of squared errors over the pixels of all R reconstructions [B, R, ...], mean over the batch.
+
+    MultiMNIST (section 6) decodes each of the two digits separately: SSE_1 + SSE_2.
+    """
+    err = reconstructions.float() - targets.float()
     return err.square().flatten(1).sum(1).mean()
 
 
@@ -40,25 +43,13 @@ class CapsuleLoss(nn.Module):
         super().__init__()
         self.m_plus, self.m_minus, self.lam, self.recon_weight = m_plus, m_minus, lam, recon_weight
 
-    def forward(self, out: ModelOutput, images: torch.Tensor, target: torch.Tensor) -> dict:
-        margin = margin_loss(out.scores, target, self.m_plus, self.m_minus, self.lam)
+    def forward(self, out: ModelOutput, batch: Batch) -> dict:
+        margin = margin_loss(out.scores, batch.labels, self.m_plus, self.m_minus, self.lam)
         terms = {"margin_loss": margin}
         loss = margin
-        if out.reconstruction is not None:
-            recon = reconstruction_loss(out.reconstruction, images)
+        if out.reconstructions is not None:
+            recon = reconstruction_loss(out.reconstructions, batch.recon_targets)
             terms["recon_loss"] = recon
             loss = loss + self.recon_weight * recon
         terms["loss"] = loss
         return terms
-
-
-class CrossEntropyLoss(nn.Module):
-    """Softmax cross-entropy for the baseline CNN, in the same dict form as CapsuleLoss."""
-
-    def __init__(self, label_smoothing: float = 0.0):
-        super().__init__()
-        self.label_smoothing = label_smoothing
-
-    def forward(self, out: ModelOutput, images: torch.Tensor, target: torch.Tensor) -> dict:
-        loss = F.cross_entropy(out.scores.float(), target, label_smoothing=self.label_smoothing)
-        return {"ce_loss": loss, "loss": loss}

@@ -7,7 +7,8 @@ A metric has two methods:
 - `compute(totals: dict[str, float]) -> dict[str, float]`: the metric's values
   from the sums over every batch and process (`totals["count"]` holds the
   number of images), named as they appear in metrics.jsonl, TensorBoard and
-  results.json (e.g. "accuracy", "error").
+  results.json (e.g. "accuracy", "error"); a `names` attribute lists them,
+  so `trainer.monitor` can be checked before any work starts.
 
 The loop adds up the sums on the device, all-reduces them once, then calls
 `compute`: the same numbers on 1 or N processes.

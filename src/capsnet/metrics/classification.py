@@ -17,6 +17,7 @@ class TopKAccuracy:
         if k < 1:
             raise ValueError(f"metric k={k} must be >= 1")
         self.k, self.name, self.error_name = k, name, error_name
+        self.names = (name, error_name) if error_name else (name,)
 
     def sums(self, out: ModelOutput, batch: Batch) -> dict:
         if self.k == 1:

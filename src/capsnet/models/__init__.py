@@ -1,7 +1,6 @@
 """Models assembled from the capsnet parts; every model returns a `ModelOutput`."""
 
-from capsnet.types import ModelOutput
 from capsnet.models.capsnet import CapsNet
 from capsnet.models.baseline import BaselineCNN
 
-__all__ = ["ModelOutput", "CapsNet", "BaselineCNN"]
+__all__ = ["CapsNet", "BaselineCNN"]

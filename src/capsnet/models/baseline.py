@@ -25,5 +25,5 @@ class BaselineCNN(nn.Module):
         layers.append(nn.Linear(width, num_classes))
         self.head = nn.Sequential(*layers)
 
-    def forward(self, x: torch.Tensor, target: torch.Tensor | None = None) -> ModelOutput:
-        return ModelOutput(self.head(self.features(x).flatten(1)))
+    def forward(self, images: torch.Tensor, recon_classes: torch.Tensor | None = None) -> ModelOutput:
+        return ModelOutput(scores=self.head(self.features(images).flatten(1)))

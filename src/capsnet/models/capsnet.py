@@ -32,12 +32,13 @@ class CapsNet(nn.Module):
     def routing(self):
         return self.class_caps.routing
 
-    def forward(self, x: torch.Tensor, target: torch.Tensor | None = None) -> ModelOutput:
-        """Training with `target` masks the decoder by the true label, else by the longest capsule."""
-        v, c = self.class_caps(self.primary(self.features(x)))
-        lengths = torch.sqrt(v.square().sum(-1) + 1e-12)
-        recon = None
+    def forward(self, images: torch.Tensor, recon_classes: torch.Tensor | None = None) -> ModelOutput:
+        """`recon_classes` [B, R]: the class capsules to decode (training: the true labels, section 4.1);
+        None decodes the longest capsule."""
+        routed = self.class_caps(self.primary(self.features(images)))
+        out = ModelOutput(scores=routed.activations, poses=routed.poses, extras=dict(getattr(self.routing, "recorded", {})))
         if self.decoder is not None:
-            select = target if (self.training and target is not None) else lengths.argmax(-1)
-            recon = self.decoder(v, select)
-        return ModelOutput(lengths, recon, v, c)
+            select = routed.activations.argmax(-1, keepdim=True) if recon_classes is None else recon_classes
+            out.reconstructions = torch.stack([self.decoder(routed.poses, select[:, r])
+                                               for r in range(select.shape[1])], 1)
+        return out

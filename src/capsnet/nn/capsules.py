@@ -7,6 +7,7 @@ from torch import nn
 
 from capsnet.routing.dynamic import DynamicRouting
 from capsnet.nn.squash import get_squash
+from capsnet.types import RoutingOutput
 
 
 class PrimaryCapsules(nn.Module):
@@ -49,10 +50,12 @@ class ClassCapsules(nn.Module):
     One batched matmul over i (never a per-sample copy of W). With
     `shared_transform` one W serves every lower capsule (Keras variant);
     `bias` adds the official code's learned bias to s before the squash.
+    `routing` is a routing module, or a factory (a Hydra `_partial_`) that is
+    called with the layer's sizes, for routings with parameters of their own.
     """
 
     def __init__(self, in_capsules: int, in_dim: int, out_capsules: int, out_dim: int = 16,
-                 routing: DynamicRouting | None = None, shared_transform: bool = False,
+                 routing=None, shared_transform: bool = False,
                  bias: bool = False, init_std: float = 0.01):
         super().__init__()
         self.in_capsules, self.in_dim = in_capsules, in_dim
@@ -61,7 +64,11 @@ class ClassCapsules(nn.Module):
         n_w = 1 if shared_transform else in_capsules
         self.weight = nn.Parameter(torch.randn(n_w, in_dim, out_capsules * out_dim) * init_std)
         self.bias = nn.Parameter(torch.zeros(out_capsules, out_dim)) if bias else None
-        self.routing = routing if routing is not None else DynamicRouting()
+        if routing is None:
+            routing = DynamicRouting()
+        elif not isinstance(routing, nn.Module):
+            routing = routing(in_capsules=in_capsules, out_capsules=out_capsules, out_dim=out_dim)
+        self.routing = routing
 
     def predictions(self, u: torch.Tensor) -> torch.Tensor:
         """u [B, I, in_dim] -> u_hat [B, I, J, D] (a view of [I, B, J, D] storage)."""
@@ -72,6 +79,6 @@ class ClassCapsules(nn.Module):
         u_hat = torch.bmm(u.transpose(0, 1), self.weight)  # [I, B, J*D]: one matmul per lower capsule
         return u_hat.view(n_in, bsz, j, d).transpose(0, 1)  # a view; the routing picks its own layout
 
-    def forward(self, u: torch.Tensor):
-        """u [B, I, in_dim] -> (v [B, J, D], couplings [B, I, J])."""
-        return self.routing(self.predictions(u), self.bias)
+    def forward(self, u: torch.Tensor) -> RoutingOutput:
+        """u [B, I, in_dim] -> RoutingOutput(v [B, J, D], activations [B, J], couplings [B, I, J])."""
+        return self.routing(self.predictions(u), bias=self.bias)

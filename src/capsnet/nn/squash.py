@@ -10,7 +10,6 @@ zero vector gives a zero output and a finite gradient. (float64 stays float64.)
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 EPS = 1e-8
 
@@ -54,17 +53,3 @@ def get_squash(name: str):
         return SQUASHES[name]
     except KeyError:
         raise ValueError(f"unknown squash {name!r}: choose one of {sorted(SQUASHES)}") from None
-
-
-class Squash(nn.Module):
-    """`squash` as a module, so a config can pick the variant by name."""
-
-    def __init__(self, variant: str = "paper", dim: int = -1):
-        super().__init__()
-        self.variant, self.dim, self.fn = variant, dim, get_squash(variant)
-
-    def forward(self, s: torch.Tensor) -> torch.Tensor:
-        return self.fn(s, self.dim)
-
-    def extra_repr(self) -> str:
-        return f"variant={self.variant!r}"

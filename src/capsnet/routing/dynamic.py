@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from capsnet.nn.squash import at_least_float32, get_squash
+from capsnet.types import RoutingOutput
 
 
 def coupling_softmax(b: torch.Tensor, dim: int, leaky: bool) -> torch.Tensor:
@@ -138,31 +139,36 @@ class DynamicRouting(nn.Module):
             (the paper uses it on CIFAR-10); couplings then sum to < 1.
 
     Set `record = True` to keep the couplings of every iteration in
-    `self.couplings` (detached, each [batch, n_in, n_out]) for logging; when
-    nobody asks, nothing is kept.
+    `self.recorded["couplings"]` (detached, each [batch, n_in, n_out]) for
+    logging; when nobody asks, nothing is kept.
     """
 
     def __init__(self, iters: int = 3, squash: str = "paper",
-                 detach_intermediate: bool = False, leaky: bool = False):
-        super().__init__()
+                 detach_intermediate: bool = False, leaky: bool = False, **sizes):
+        super().__init__()  # `sizes` (in_capsules, out_capsules, out_dim): dynamic routing needs none
         if int(iters) != iters or iters < 1:
             raise ValueError(f"routing iters must be a whole number >= 1, got {iters!r}")
         self.iters, self.squash_name = int(iters), squash
         self.squash = get_squash(squash)
         self.detach_intermediate, self.leaky = detach_intermediate, leaky
         self.record = False
-        self.couplings: list[torch.Tensor] = []
+        self.recorded: dict = {}
 
-    def forward(self, u_hat: torch.Tensor, bias: torch.Tensor | None = None):
-        """u_hat [batch, n_in, n_out, dim] -> (v [batch, n_out, dim], c [batch, n_in, n_out])."""
-        with torch.autocast(u_hat.device.type, enabled=False):
-            u_hat = at_least_float32(u_hat)
-            self.couplings = []
+    def forward(self, votes: torch.Tensor, activations: torch.Tensor | None = None,
+                bias: torch.Tensor | None = None) -> RoutingOutput:
+        """votes u_hat [batch, n_in, n_out, dim] -> RoutingOutput(v [batch, n_out, dim], |v|, c [batch, n_in, n_out]).
+
+        Input activations are not used: in Procedure 1 a lower capsule's length
+        already scales its votes.
+        """
+        with torch.autocast(votes.device.type, enabled=False):
+            u_hat = at_least_float32(votes)
+            couplings: list | None = [] if self.record else None
             v, c = _RoutingFunction.apply(u_hat, None if bias is None else bias.to(u_hat.dtype), self.iters,
-                                          self.squash,
-                                          self.leaky, self.detach_intermediate,
-                                          self.couplings if self.record else None)
-        return v, c.transpose(1, 2)
+                                          self.squash, self.leaky, self.detach_intermediate, couplings)
+            self.recorded = {"couplings": couplings} if self.record else {}
+            lengths = torch.sqrt(v.square().sum(-1) + 1e-12)
+        return RoutingOutput(v, lengths, c.transpose(1, 2))
 
     def extra_repr(self) -> str:
         return (f"iters={self.iters}, squash={self.squash_name!r}, "

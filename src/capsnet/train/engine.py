@@ -1,8 +1,10 @@
-"""The training loop: `train_one_epoch` and `evaluate`, explicit AMP and DDP, no callbacks.
+"""The training loop: `train_one_epoch` and `evaluate`, explicit AMP and DDP.
 
-Step metrics are summed on the device and read only every `log_every` steps,
-so the loop does not wait on the accelerator each step (except with
-`trainer.on_nonfinite=skip`, which must look at every step's loss).
+Losses and metric sums stay on the device and are read only every
+`log_every` steps, so the loop does not wait on the accelerator each step
+(except with `trainer.on_nonfinite=skip`, which must look at every step's
+loss). Metrics are sums (`capsnet.metrics`), all-reduced once per epoch, so
+every image counts once on any number of processes.
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from capsnet.train.distributed import all_reduce_sum, any_process, is_distributed
 from capsnet.errors import NonFiniteLossError
+from capsnet.train.distributed import all_reduce_sum, any_process, is_distributed
 
 
 @dataclass
@@ -25,7 +27,7 @@ class LoopState:
     epoch: int = 0  # current epoch (0-based)
     batch: int = 0  # batches of the current epoch already done
     step: int = 0  # optimiser steps over the whole run
-    sums: dict = field(default_factory=dict)  # the current epoch's summed train metrics
+    sums: dict = field(default_factory=dict)  # the current epoch's summed train losses and metrics
     skipped: int = 0  # non-finite steps skipped (trainer.on_nonfinite=skip)
 
 
@@ -35,17 +37,40 @@ class StopRequested(Exception):
 
 @dataclass
 class LoopHooks:
+    """What the loop needs from the run around it (the values come from the trainer config)."""
+
     autocast: Callable  # () -> autocast context manager
     save_last: Callable[[], None]  # write checkpoints/last.pt from the current state
     should_stop: Callable[[], bool]  # a signal asked the run to stop
     tb: object  # capsnet.train.tb.TensorBoard
-    log_every: int = 50
-    ckpt_every_steps: int | None = None
-    on_nonfinite: str = "error"
-    progress: bool = True
+    log_every: int
+    ckpt_every_steps: int | None
+    on_nonfinite: str
+    progress: bool
+    total_steps: int  # optimiser steps of the whole run (for losses scheduled on progress)
 
 
-def _add(sums: dict, key: str, value: torch.Tensor) -> None:
+def accumulate(sums: dict, terms: dict, metrics: dict, out, batch) -> None:
+    """Add one batch's loss terms (times its size), metric sums and image count to `sums`, on the device."""
+    n = len(batch)
+    for k, v in terms.items():
+        _add(sums, k, v.detach().double() * n)
+    for metric in metrics.values():
+        for k, v in metric.sums(out, batch).items():
+            _add(sums, k, v)
+    _add(sums, "count", float(n))
+
+
+def summarize(totals: dict, metrics: dict) -> dict:
+    """Mean loss terms and each metric's values from the summed totals."""
+    n = max(float(totals.get("count", 0.0)), 1.0)
+    values = {k: float(v) / n for k, v in totals.items() if k != "count" and "/" not in k}
+    for metric in metrics.values():
+        values.update(metric.compute(totals))
+    return values
+
+
+def _add(sums: dict, key: str, value) -> None:
     sums[key] = sums[key] + value if key in sums else value
 
 
@@ -57,7 +82,7 @@ def _check_finite(first_bad: torch.Tensor) -> None:
             "instead of fp16, or trainer.on_nonfinite=skip; checkpoints/last.pt holds the last good state")
 
 
-def _all_reduce(sums: dict, device: torch.device) -> dict:
+def all_reduce(sums: dict, device: torch.device) -> dict:
     """Sum every entry (device tensors or host numbers) over all processes in one collective."""
     keys = sorted(sums)  # the same order on every rank
     if not keys:
@@ -67,30 +92,24 @@ def _all_reduce(sums: dict, device: torch.device) -> dict:
     return dict(zip(keys, totals.tolist()))
 
 
-def _means(sums: dict) -> dict:
-    n = float(sums["count"])
-    means = {k: float(v) / n for k, v in sums.items() if k not in ("count", "correct")}
-    means["accuracy"] = 100.0 * float(sums["correct"]) / n
-    return means
-
-
-def train_one_epoch(model, criterion, loader, optimizer, scheduler, scaler, state: LoopState,
+def train_one_epoch(model, criterion, metrics: dict, loader, optimizer, scheduler, scaler, state: LoopState,
                     hooks: LoopHooks, device: torch.device) -> dict:
-    """One pass over this process's batches; returns the epoch's mean train metrics over all processes."""
+    """One pass over this process's batches; returns the epoch's mean train values over all processes."""
     model.train()
-    # Losses and correct counts stay on the device; the image count is known on the host.
     sums = {k: v if k == "count" else torch.tensor(v, device=device, dtype=torch.float64)
             for k, v in state.sums.items()}
     first_bad = torch.tensor(-1, device=device)
     images_seen, t0 = 0, time.perf_counter()  # timed work of this process (count also holds resumed work)
+    set_progress = getattr(criterion, "set_progress", None)
     bar = tqdm(loader, total=len(loader), initial=state.batch, disable=not hooks.progress,
                desc=f"epoch {state.epoch + 1}", dynamic_ncols=True, leave=False)
-    for images, labels in bar:
-        images = images.to(device, non_blocking=True)
-        labels = labels.to(device, non_blocking=True)
+    for batch in bar:
+        batch = batch.to(device)
+        if set_progress is not None:
+            set_progress(state.step / max(hooks.total_steps, 1))
         with hooks.autocast():
-            out = model(images, labels)
-            terms = criterion(out, images, labels)
+            out = model(batch.images, batch.recon_classes)
+            terms = criterion(out, batch)
         loss = terms["loss"]
         state.batch += 1
         if hooks.on_nonfinite == "skip" and any_process(not torch.isfinite(loss), device):  # syncs: this mode only
@@ -102,18 +121,14 @@ def train_one_epoch(model, criterion, loader, optimizer, scheduler, scaler, stat
         scaler.update()
         scheduler.step()
         state.step += 1
-        n = labels.shape[0]
-        images_seen += n
+        images_seen += len(batch)
         first_bad = torch.where(torch.isfinite(loss) | (first_bad >= 0), first_bad, state.step)
-        for k, v in terms.items():
-            _add(sums, k, v.detach().double() * n)
-        _add(sums, "correct", (out.scores.argmax(-1) == labels).sum().double())
-        _add(sums, "count", float(n))
+        accumulate(sums, terms, metrics, out, batch)
         if state.step % hooks.log_every == 0:
             _check_finite(first_bad)
-            means = _means(sums)
-            bar.set_postfix(loss=f"{means['loss']:.4f}", acc=f"{means['accuracy']:.2f}")
-            hooks.tb.scalars({f"train/{k}": v for k, v in means.items()}, state.step)
+            values = summarize(sums, metrics)
+            bar.set_postfix(loss=f"{values['loss']:.4f}")
+            hooks.tb.scalars(values, state.step, "train/")
             hooks.tb.scalars({"lr": optimizer.param_groups[0]["lr"]}, state.step)
         # Several processes must stop at the same step: they agree at log boundaries only.
         stop = (not is_distributed() or state.step % hooks.log_every == 0) and \
@@ -127,31 +142,27 @@ def train_one_epoch(model, criterion, loader, optimizer, scheduler, scaler, stat
     bar.close()
     _check_finite(first_bad)
     seconds = time.perf_counter() - t0
-    totals = _all_reduce({**sums, "images_seen": float(images_seen)}, device)
+    totals = all_reduce({**sums, "images_seen": float(images_seen)}, device)
     seen = totals.pop("images_seen")
-    metrics = {f"train_{k}": v for k, v in _means(totals).items()} if totals else {}
-    metrics["train_images_per_second"] = seen / max(seconds, 1e-9)
-    metrics["train_seconds"] = seconds
+    values = {f"train/{k}": v for k, v in summarize(totals, metrics).items()} if totals else {}
+    values["train/images_per_second"] = seen / max(seconds, 1e-9)
+    values["train/seconds"] = seconds
     state.sums = {}
-    return metrics
+    return values
 
 
 @torch.no_grad()
-def evaluate(model, criterion, loader, autocast, device: torch.device) -> dict:
-    """Accuracy and losses over the whole test set, each image counted once across processes."""
+def evaluate(model, criterion, metrics: dict, loader, autocast, device: torch.device, prefix: str = "test") -> dict:
+    """Losses and metrics over one whole evaluation set, each image counted once across processes.
+
+    The decoder reconstructs the longest capsule (the paper's test-time rule).
+    """
     model.eval()
     sums: dict = {}
-    for images, labels in loader:
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+    for batch in loader:
+        batch = batch.to(device)
         with autocast():
-            out = model(images)
-            terms = criterion(out, images, labels)
-        n = labels.shape[0]
-        for k, v in terms.items():
-            _add(sums, k, v.double() * n)
-        _add(sums, "correct", (out.scores.argmax(-1) == labels).sum().double())
-        _add(sums, "count", float(n))
-    means = _means(_all_reduce(sums, device))
-    metrics = {f"test_{k}": v for k, v in means.items()}
-    metrics["test_error"] = 100.0 - metrics["test_accuracy"]
-    return metrics
+            out = model(batch.images)
+            terms = criterion(out, batch)
+        accumulate(sums, terms, metrics, out, batch)
+    return {f"{prefix}/{k}": v for k, v in summarize(all_reduce(sums, device), metrics).items()}

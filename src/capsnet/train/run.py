@@ -7,107 +7,49 @@ Only rank 0 writes.
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
+import math
 import random
 import signal
 import time
-from functools import partial
 from pathlib import Path
 
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 
-from capsnet.train import distributed as dist_utils
-from capsnet.train.checkpoint import load_checkpoint, load_model_state, remove_stale_temporaries, save_checkpoint
-from capsnet.data.images import BatchLoader
-from capsnet.train.perf import configure_allocator
-from capsnet.train.engine import LoopHooks, LoopState, StopRequested, evaluate, train_one_epoch
+from capsnet.data.loader import BatchLoader, make_batch
 from capsnet.errors import CapsnetError
+from capsnet.train import distributed as dist_utils
+from capsnet.train.build import (build_data, build_loss, build_metrics, build_model, build_optimizer,
+                                 count_parameters, metric_names)
+from capsnet.train.checkpoint import load_checkpoint, load_model_state, remove_stale_temporaries, save_checkpoint
+from capsnet.train.engine import LoopHooks, LoopState, StopRequested, evaluate, train_one_epoch
+from capsnet.train.outputs import eval_values, write_metrics, write_results
+from capsnet.train.perf import configure_allocator
+from capsnet.train.runtime import SignalFlag, autocast_factory, resolve_device, rng_state, set_rng_state
 from capsnet.train.tb import TensorBoard
 
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+def plain(node: DictConfig) -> DictConfig:
+    """A config node with the schema's enums as plain strings."""
+    return OmegaConf.create(OmegaConf.to_container(node, resolve=True, enum_to_str=True))
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise CapsnetError("trainer.device=cuda but no CUDA GPU is visible: use trainer.device=cpu or auto")
-    return torch.device(name)
-
-
-def autocast_factory(device: torch.device, amp: str):
-    """() -> a fresh autocast context (a no-op when amp is off)."""
-    if amp == "off":
-        return contextlib.nullcontext
-    if amp == "fp16" and device.type != "cuda":
-        raise CapsnetError("trainer.amp=fp16 needs a CUDA GPU: use trainer.amp=bf16 on CPU, or off")
-    return partial(torch.autocast, device_type=device.type, dtype=AMP_DTYPES[amp])
-
-
-class SignalFlag:
-    """SIGTERM/SIGUSR1 (Slurm pre-emption) ask for a stop at the next step boundary."""
-
-    SIGNALS = ("SIGTERM", "SIGUSR1")
-
-    def __init__(self):
-        self.received: int | None = None
-        self.previous: dict = {}
-
-    def __enter__(self):
-        for name in self.SIGNALS:
-            sig = getattr(signal, name, None)
-            if sig is not None:
-                with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
-                    self.previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.received = signum
-
-    def __call__(self) -> bool:
-        return self.received is not None
-
-    def __exit__(self, *exc):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-        if self.received is not None and callable(self.previous.get(self.received)):
-            self.previous[self.received](self.received, None)  # e.g. submitit's requeue
-
-
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def plain_trainer_settings(trainer: DictConfig) -> DictConfig:
-    """The trainer node with the schema's enums as plain strings."""
-    return OmegaConf.create(OmegaConf.to_container(trainer, resolve=True, enum_to_str=True))
-
-
-def count_parameters(model) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+def monitor_is_better(mode: str, name: str, new: float, best: float | None) -> bool:
+    """Is `new` better than `best` for the monitored value? mode auto: lower is better for errors and losses."""
+    if best is None:
+        return True
+    if mode == "auto":
+        mode = "min" if name.endswith(("error", "loss")) else "max"
+    return new < best if mode == "min" else new > best
 
 
 class Run:
     """Everything one run holds; `fit()` trains it to the end (or to a pre-emption)."""
 
     def __init__(self, cfg: DictConfig):
-        self.cfg, self.t = cfg, plain_trainer_settings(cfg.trainer)
+        self.cfg, self.t = cfg, plain(cfg.trainer)
         t = self.t
         self.out_dir = Path(cfg.out_dir or HydraConfig.get().runtime.output_dir)
         self.overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
@@ -127,23 +69,31 @@ class Run:
                                f"{self.world} processes: use a multiple of {self.world}")
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
-        self.data = instantiate(cfg.dataset)
-        self.model = instantiate(cfg.model, in_shape=self.data.in_shape,
-                                 num_classes=self.data.num_classes).to(self.device)
+        self.data = build_data(cfg)
+        self.train_split, self.eval_splits = self.data.train(), self.data.evals()
+        self.in_shape, self.num_classes = self.train_split.in_shape, self.data.num_classes
+        self.model = build_model(cfg, self.in_shape, self.num_classes).to(self.device)
         torch.manual_seed(cfg.seed + self.rank)  # dropout and the like differ per process
-        self.criterion = instantiate(cfg.loss)
-        self.optimizer = instantiate(cfg.optim.optimizer)(self.model.parameters())
-        self.scheduler = instantiate(cfg.optim.scheduler)(self.optimizer)
+        self.criterion, self.metrics = build_loss(cfg), build_metrics(cfg)
+        self._check_monitor()
+        self.optimizer, self.scheduler = build_optimizer(cfg, self.model)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=t.amp == "fp16")
-        self.state, self.history, self.best = LoopState(), [], -1.0
+        self.state, self.history, self.best = LoopState(), [], None
         self._build_loaders()
+
+    def _check_monitor(self) -> None:
+        allowed = [f"{s}/{n}" for s in self.eval_splits for n in ("loss", *metric_names(self.metrics))]
+        if self.t.monitor not in allowed:
+            raise CapsnetError(f"trainer.monitor={self.t.monitor} is not a value this run evaluates: "
+                               f"choose one of {', '.join(allowed)}")
 
     def _build_loaders(self) -> None:
         t, pin = self.t, self.device.type == "cuda"
         common = dict(rank=self.rank, world_size=self.world, num_workers=t.num_workers, pin_memory=pin)
-        self.train_loader = BatchLoader(*self.data.split(True), t.batch_size // self.world, train=True,
-                                        seed=self.cfg.seed, shift=self.data.shift, **common)
-        self.test_loader = BatchLoader(*self.data.split(False), t.eval_batch_size, train=False, **common)
+        self.train_loader = BatchLoader(self.train_split, t.batch_size // self.world, train=True,
+                                        seed=self.cfg.seed, **common)
+        self.eval_loaders = {name: BatchLoader(split, t.eval_batch_size, train=False, **common)
+                             for name, split in self.eval_splits.items()}
 
     def _check_writable(self) -> None:
         try:
@@ -161,7 +111,8 @@ class Run:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 "loop": vars(self.state).copy(), "history": self.history, "best": self.best,
-                "rng": rng_state(), "config": OmegaConf.to_container(self.cfg, resolve=True, enum_to_str=True)}
+                "rng": rng_state(), "config": OmegaConf.to_container(self.cfg, resolve=True, enum_to_str=True),
+                "data": {"in_shape": list(self.in_shape), "num_classes": self.num_classes}}
 
     def save(self, name: str = "last.pt") -> None:
         if self.main:
@@ -184,42 +135,41 @@ class Run:
             self.scheduler.load_state_dict(ckpt["scheduler"])
             self.scaler.load_state_dict(ckpt["scaler"])
             self.state = LoopState(**ckpt["loop"])
-            self.history, self.best = list(ckpt["history"]), float(ckpt["best"])
+            self.history, self.best = list(ckpt["history"]), ckpt["best"]
             set_rng_state(ckpt["rng"])
         except (KeyError, ValueError, TypeError) as e:
             raise CapsnetError(f"{path} lacks training state ({type(e).__name__}: {e}); "
                                "use trainer.resume=null to start afresh") from None
 
     # --- outputs -----------------------------------------------------------------------------
-    def _write_json(self, name: str, text: str) -> None:
-        tmp = self.out_dir / f".{name}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, self.out_dir / name)
-
-    def write_metrics(self) -> None:
-        if self.main:
-            self._write_json("metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.history))
-
     def summary(self, seconds: float) -> dict:
         last = self.history[-1] if self.history else {}
-        return {"params": count_parameters(self.model), "test_accuracy": last.get("test_accuracy"),
-                "test_error": last.get("test_error"), "best_test_accuracy": self.best,
-                "epochs": len(self.history), "steps": self.state.step, "seconds": seconds,
-                "train_images_per_second": last.get("train_images_per_second"),
+        routing = OmegaConf.select(self.cfg, "model.class_caps.routing")
+        return {"params": count_parameters(self.model), "monitor": self.t.monitor, "best": self.best,
+                "final": eval_values(last), "epochs": len(self.history), "steps": self.state.step,
+                "seconds": seconds, "train_images_per_second": last.get("train/images_per_second"),
                 "skipped_steps": self.state.skipped, "world_size": self.world,
                 "model": self.cfg.get("model_name"), "dataset": self.data.name,
-                "routing_iters": OmegaConf.select(self.cfg, "routing.iters"), "seed": self.cfg.seed,
-                "overrides": self.overrides}
+                "routing": OmegaConf.select(self.cfg, "routing._target_", default=None) if routing else None,
+                "routing_iters": OmegaConf.select(self.cfg, "routing.iters", default=None) if routing else None,
+                "seed": self.cfg.seed, "overrides": self.overrides}
 
     def hparams(self) -> dict:
         """What defines the run, for TensorBoard's HParams view (scalars only)."""
         c = self.cfg
         return {"model": str(c.model_name), "dataset": self.data.name,
-                "routing_iters": int(OmegaConf.select(c, "routing.iters") or 0),
-                "recon_weight": float(OmegaConf.select(c, "loss.recon_weight") or 0.0),
-                "decoder": OmegaConf.select(c, "model.decoder") is not None, "seed": int(c.seed),
+                "routing_iters": int(OmegaConf.select(c, "routing.iters", default=0) or 0),
+                "recon_weight": float(OmegaConf.select(c, "loss.recon_weight", default=0.0) or 0.0),
+                "decoder": OmegaConf.select(c, "model.decoder", default=None) is not None, "seed": int(c.seed),
                 "lr": float(c.optim.lr), "batch_size": int(self.t.batch_size), "epochs": int(self.t.epochs),
                 "amp": str(self.t.amp), "overrides": " ".join(self.overrides)}
+
+    def _header(self, resumed: bool) -> str:
+        sizes = " / ".join(f"{len(s):,} {n}" for n, s in {"train": self.train_split, **self.eval_splits}.items())
+        return (f"capsnet: {self.cfg.model_name} ({count_parameters(self.model):,} parameters) on {self.data.name} "
+                f"({sizes}), {self.device}{f' x {self.world} processes' if self.world > 1 else ''}, "
+                f"amp {self.t.amp}; run directory {self.out_dir}"
+                f"{f'; resumed at epoch {self.state.epoch + 1}, step {self.state.step}' if resumed else ''}")
 
     # --- the loop ----------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -233,22 +183,18 @@ class Run:
             wrapped = DistributedDataParallel(self.model, device_ids=ids)
         tb = TensorBoard(str(self.out_dir / "tb") if self.main else None,
                          purge_step=self.state.step if path is not None else None)
-        fixed = self.data.split(False)[0][:16].float().div(255).to(self.device)
+        test = self.eval_splits["test"]
+        fixed = make_batch(test, torch.arange(min(16, len(test))), 0, None).images.to(self.device)
         if self.main:
-            n_train, n_test = len(self.data.split(True)[0]), len(self.data.split(False)[0])
-            print(f"capsnet: {self.cfg.model_name} ({count_parameters(self.model):,} parameters) on {self.data.name} "
-                  f"({n_train:,} train / {n_test:,} test images), {self.device}"
-                  f"{f' x {self.world} processes' if self.world > 1 else ''}, amp {self.t.amp}; "
-                  f"run directory {self.out_dir}"
-                  f"{f'; resumed at epoch {self.state.epoch + 1}, step {self.state.step}' if path else ''}",
-                  flush=True)
+            print(self._header(path is not None), flush=True)
         started = time.perf_counter() - sum(r["seconds"] for r in self.history)
+        total_steps = t.epochs * len(self.train_loader)
         with SignalFlag() as stop:
             hooks = LoopHooks(self.autocast, self.save, stop, tb, t.log_every, t.ckpt_every_steps,
-                              t.on_nonfinite, t.progress and self.main)
+                              t.on_nonfinite, t.progress and self.main, total_steps)
             try:
                 while self.state.epoch < t.epochs:
-                    self._one_epoch(wrapped, hooks, tb, fixed, started)
+                    self._one_epoch(wrapped, hooks, tb, fixed)
             except StopRequested:
                 signame = signal.Signals(stop.received).name
                 print(f"capsnet: stopped by {signame} at step {self.state.step}; checkpoints/last.pt "
@@ -256,43 +202,47 @@ class Run:
             finally:
                 results = self.summary(time.perf_counter() - started)
                 if not stop() and self.history:
-                    tb.hparams(self.hparams(), {"hparam/test_error": results["test_error"],
-                                                "hparam/test_accuracy": results["test_accuracy"]})
+                    tb.hparams(self.hparams(), {f"hparam/{k}": v for k, v in results["final"].items()})
                 tb.close()
         if self.main and not stop():
-            self._write_json("results.json", json.dumps(results, indent=2) + "\n")
+            write_results(self.out_dir, results)
         return results
 
-    def _one_epoch(self, wrapped, hooks: LoopHooks, tb: TensorBoard, fixed, started: float) -> None:
+    def _one_epoch(self, wrapped, hooks: LoopHooks, tb: TensorBoard, fixed) -> None:
         t0 = time.perf_counter()
         self.train_loader.set_epoch(self.state.epoch, skip_batches=self.state.batch)
-        train = train_one_epoch(wrapped, self.criterion, self.train_loader, self.optimizer, self.scheduler,
-                                self.scaler, self.state, hooks, self.device)
-        test = evaluate(self.model, self.criterion, self.test_loader, self.autocast, self.device)
+        train = train_one_epoch(wrapped, self.criterion, self.metrics, self.train_loader, self.optimizer,
+                                self.scheduler, self.scaler, self.state, hooks, self.device)
+        evals = {}
+        for name, loader in self.eval_loaders.items():
+            evals.update(evaluate(self.model, self.criterion, self.metrics, loader, self.autocast, self.device, name))
         self.state.epoch, self.state.batch = self.state.epoch + 1, 0
-        record = {"epoch": self.state.epoch, "step": self.state.step, **train, **test,
+        record = {"epoch": self.state.epoch, "step": self.state.step, **train, **evals,
                   "lr": self.optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - t0,
                   "skipped_steps": self.state.skipped}
         self.history.append(record)
-        tb.scalars({k.removeprefix("test_"): v for k, v in test.items()}, self.state.step, "test/")
-        tb.scalars({"throughput": train["train_images_per_second"]}, self.state.step)
+        tb.scalars(evals, self.state.step)
+        tb.scalars({"throughput": train["train/images_per_second"]}, self.state.step)
         tb.inspect(self.model, fixed, self.state.step, self.autocast())
-        improved = test["test_accuracy"] > self.best
-        self.best = max(self.best, test["test_accuracy"])
+        value = evals[self.t.monitor]
+        improved = math.isfinite(value) and monitor_is_better(self.t.monitor_mode, self.t.monitor, value,
+                                                              None if self.best is None else self.best["value"])
+        if improved:
+            self.best = {"name": self.t.monitor, "value": value, "epoch": self.state.epoch}
         self.save("last.pt")
         if improved:
             self.save("best.pt")
-        self.write_metrics()
         if self.main:
-            print(f"epoch {self.state.epoch}/{self.t.epochs}: "
-                  f"train loss {train.get('train_loss', float('nan')):.4f}, "
-                  f"test accuracy {test['test_accuracy']:.2f}% ({record['seconds']:.0f} s)", flush=True)
+            write_metrics(self.out_dir, self.history)
+            shown = ", ".join(f"{k} {v:.4g}" for k, v in evals.items() if not k.endswith("_loss"))
+            print(f"epoch {self.state.epoch}/{self.t.epochs}: train loss {train.get('train/loss', float('nan')):.4f}, "
+                  f"{shown} ({record['seconds']:.0f} s)", flush=True)
 
 
 def train(cfg: DictConfig) -> float:
-    """Train one run; returns the final test error in % (what a sweeper minimises)."""
+    """Train one run; returns the monitored value of the last epoch (what a sweeper optimises)."""
     try:
         results = Run(cfg).fit()
     finally:
         dist_utils.cleanup()
-    return results["test_error"] if results["test_error"] is not None else float("nan")
+    return results["final"].get(cfg.trainer.monitor, float("nan"))

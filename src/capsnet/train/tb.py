@@ -2,8 +2,9 @@
 
 Only rank 0 writes; on other ranks every method is a no-op. Tags:
 `train/*` and `test/*` scalars, `lr`, `throughput`, `reconstructions`,
-`routing/couplings_iter{r}` for each routing iteration r (1-based; from any
-routing module with `record`/`couplings`, as `DynamicRouting` has) and
+`routing/<name>_iter{r}` for each routing iteration r (1-based) of every
+per-iteration diagnostic a model returns in `ModelOutput.extras` (dynamic
+routing: `couplings`, when its `record` is on) and
 `capsules/lengths`.
 """
 
@@ -31,7 +32,7 @@ class TensorBoard:
         if self.writer is None:
             return
         routing = getattr(model, "routing", None)
-        records = hasattr(routing, "record")  # a routing module that can keep its couplings
+        records = hasattr(routing, "record")  # a routing module that can record its iterations
         if records:
             routing.record = True
         try:
@@ -40,14 +41,15 @@ class TensorBoard:
         finally:
             if records:
                 routing.record = False
-        if records:
-            for r, c in enumerate(routing.couplings, start=1):
-                self.writer.add_histogram(f"routing/couplings_iter{r}", c.float().cpu(), step)
-            routing.couplings = []
+        for name, per_iter in out.extras.items():  # e.g. couplings: one tensor per routing iteration
+            if isinstance(per_iter, (list, tuple)):
+                for r, c in enumerate(per_iter, start=1):
+                    self.writer.add_histogram(f"routing/{name}_iter{r}", c.float().cpu(), step)
         if routing is not None:
             self.writer.add_histogram("capsules/lengths", out.scores.float().cpu(), step)
-        if out.reconstruction is not None:
-            pairs = torch.stack([images.float(), out.reconstruction.float()], 1).flatten(0, 1)
+        if out.reconstructions is not None:
+            recon = out.reconstructions[:, 0].float()
+            pairs = torch.stack([images.float(), recon], 1).flatten(0, 1)
             self.writer.add_image("reconstructions", make_grid(pairs.cpu(), nrow=8, pad_value=0.5), step)
 
     def hparams(self, hparams: dict, metrics: dict) -> None:

@@ -1,0 +1,1 @@
+"""Datasets held in memory, their transforms and their batch loaders."""

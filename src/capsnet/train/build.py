@@ -1,0 +1,64 @@
+"""Building a run's parts from its config: pure functions shared by training, evaluation and the benchmark.
+
+Values only the data knows (input shape, number of classes) are passed where
+`instantiate` is called, never written back into the config.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from capsnet.train.checkpoint import load_checkpoint, load_model_state
+
+
+def build_data(cfg: DictConfig):
+    """The data source (`capsnet.data.source.ImageDataset`), its validation hold-out chosen by the run's seed."""
+    return instantiate(cfg.dataset, seed=cfg.seed)
+
+
+def build_model(cfg: DictConfig, in_shape, num_classes: int) -> torch.nn.Module:
+    return instantiate(cfg.model, in_shape=tuple(in_shape), num_classes=int(num_classes))
+
+
+def build_loss(cfg: DictConfig) -> torch.nn.Module:
+    return instantiate(cfg.loss)
+
+
+def build_metrics(cfg: DictConfig) -> dict:
+    """{name: metric object} from the `metrics` group, in config order."""
+    return {name: instantiate(node) for name, node in (cfg.metrics or {}).items()}
+
+
+def metric_names(metrics: dict) -> list[str]:
+    """The values the metrics produce (each metric lists them in `names`)."""
+    return [n for m in metrics.values() for n in getattr(m, "names", ())]
+
+
+def build_optimizer(cfg: DictConfig, model: torch.nn.Module):
+    """(optimizer, per-step scheduler) from the `optim` group."""
+    optimizer = instantiate(cfg.optim.optimizer)(model.parameters())
+    return optimizer, instantiate(cfg.optim.scheduler)(optimizer)
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
+    """(model with the checkpoint's weights, in eval mode, and the run's config), built from the config
+    stored in the checkpoint: no dataset is read."""
+    ckpt = load_checkpoint(path)
+    cfg = OmegaConf.create(ckpt["config"])
+    shape = ckpt.get("data", {})
+    if "in_shape" not in shape:
+        from capsnet.errors import CheckpointError
+
+        raise CheckpointError(f"{path} does not record its input shape (written by an older capsnet): "
+                              "retrain, or build the model with build_model(cfg, in_shape, num_classes)")
+    model = build_model(cfg, shape["in_shape"], shape["num_classes"])
+    load_model_state(model, ckpt["model"], str(path))
+    return model.to(device).eval(), cfg

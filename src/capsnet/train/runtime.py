@@ -1,0 +1,75 @@
+"""Process-level settings of a run: device, autocast, pre-emption signals, random-number state."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import signal
+from functools import partial
+
+import torch
+
+from capsnet.errors import CapsnetError
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise CapsnetError("trainer.device=cuda but no CUDA GPU is visible: use trainer.device=cpu or auto")
+    return torch.device(name)
+
+
+def autocast_factory(device: torch.device, amp: str):
+    """() -> a fresh autocast context (a no-op when amp is off)."""
+    if amp == "off":
+        return contextlib.nullcontext
+    if amp == "fp16" and device.type != "cuda":
+        raise CapsnetError("trainer.amp=fp16 needs a CUDA GPU: use trainer.amp=bf16 on CPU, or off")
+    return partial(torch.autocast, device_type=device.type, dtype=AMP_DTYPES[amp])
+
+
+class SignalFlag:
+    """SIGTERM/SIGUSR1 (Slurm pre-emption) ask for a stop at the next step boundary."""
+
+    SIGNALS = ("SIGTERM", "SIGUSR1")
+
+    def __init__(self):
+        self.received: int | None = None
+        self.previous: dict = {}
+
+    def __enter__(self):
+        for name in self.SIGNALS:
+            sig = getattr(signal, name, None)
+            if sig is not None:
+                with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
+                    self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = signum
+
+    def __call__(self) -> bool:
+        return self.received is not None
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        if self.received is not None and callable(self.previous.get(self.received)):
+            self.previous[self.received](self.received, None)  # e.g. submitit's requeue
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
