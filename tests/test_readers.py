@@ -12,12 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from scipy.io import loadmat, savemat
 
 from capsnet.data.readers import READERS, affnist, cifar10, smallnorb, svhn
 from capsnet.data.readers.download import MIRROR_ENV, Resource, download, mirrored
 from capsnet.errors import DatasetError
-from dataset_fixtures import (MARKS, affnist_struct, cifar10_bytes, matrix_bytes, serve, smallnorb_name,
+from dataset_fixtures import (MARKS, affnist_struct, matrix_bytes, serve, smallnorb_name,
                               write_affnist, write_cifar10, write_smallnorb, write_svhn)
 
 
@@ -39,8 +40,7 @@ def assert_marks(images: np.ndarray):
 
 
 def assert_same(raw, images, labels):
-    assert raw.images.dtype.is_floating_point is False and str(raw.images.dtype) == "torch.uint8"
-    assert str(raw.labels.dtype) == "torch.int64" and raw.images.is_contiguous()
+    assert raw.images.dtype == torch.uint8 and raw.labels.dtype == torch.int64 and raw.images.is_contiguous()
     np.testing.assert_array_equal(raw.images.numpy(), images)
     np.testing.assert_array_equal(raw.labels.numpy(), labels)
     assert_marks(raw.images.numpy())
@@ -127,7 +127,7 @@ def test_smallnorb_plain_and_gzip(tmp_path, gz, split):
     assert_same(raw, images, labels)
     assert list(raw.info) == ["instance", "elevation", "azimuth", "lighting"]
     for j, name in enumerate(raw.info):
-        assert str(raw.info[name].dtype) == "torch.int64"
+        assert raw.info[name].dtype == torch.int64
         np.testing.assert_array_equal(raw.info[name].numpy(), info[:, j])
 
 
