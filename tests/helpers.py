@@ -108,9 +108,43 @@ class MeanRouting(torch.nn.Module):
 
     def __init__(self, scale: float = 1.0):
         super().__init__()
-        self.scale = scale
+        self.scale = torch.nn.Parameter(torch.tensor(float(scale)))
 
-    def forward(self, u_hat, bias=None):
-        c = torch.full(u_hat.shape[:3], 1.0 / u_hat.shape[2])
-        s = self.scale * (c.unsqueeze(-1) * u_hat).sum(1)
-        return s / (1 + s.norm(dim=-1, keepdim=True)), c
+    def forward(self, votes, activations=None, bias=None):
+        from capsnet.types import RoutingOutput
+
+        c = torch.full(votes.shape[:3], 1.0 / votes.shape[2])
+        s = self.scale * (c.unsqueeze(-1) * votes).sum(1)
+        v = s / (1 + s.norm(dim=-1, keepdim=True))
+        return RoutingOutput(v, v.norm(dim=-1), c)
+
+
+class StripesDataset:
+    """A stand-in for a new dataset (see tests/test_extension.py): 3-channel 10x10 stripes, 4 classes."""
+
+    def __new__(cls, *args, **kwargs):
+        from capsnet.data.source import ImageDataset, RawSplit
+
+        class _Stripes(ImageDataset):
+            classes = ("row0", "row1", "row2", "row3")
+
+            def read(self, split):
+                n = 32 if split == "train" else 12
+                labels = torch.arange(n) % 4
+                images = torch.zeros(n, 3, 10, 10, dtype=torch.uint8)
+                images[torch.arange(n), :, 2 * labels + 1] = 255
+                return RawSplit(images, labels, {})
+
+        return _Stripes(*args, **kwargs)
+
+
+class MeanTopScore:
+    """A stand-in for a new metric: the mean of the highest score."""
+
+    names = ("top_score",)
+
+    def sums(self, out, batch):
+        return {"top_score/sum": out.scores.max(-1).values.double().sum()}
+
+    def compute(self, totals):
+        return {"top_score": totals["top_score/sum"] / totals["count"]}

@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -36,7 +37,7 @@ def test_bf16_autocast_on_cpu_trains_like_fp32(tiny_data, tmp_path):
               "model.features.channels=[16]"]
     fp32 = fit(tiny_data, tmp_path / "fp32", *common)
     bf16 = fit(tiny_data, tmp_path / "bf16", *common, "trainer.amp=bf16")
-    assert fp32["test_accuracy"] >= 90 and bf16["test_accuracy"] >= 90, (fp32, bf16)
+    assert fp32["final"]["test/accuracy"] >= 90 and bf16["final"]["test/accuracy"] >= 90, (fp32, bf16)
 
 
 def test_fp16_on_cpu_is_refused_in_one_line(tiny_data, tmp_path):
@@ -52,7 +53,7 @@ def test_resume_after_epoch_one_ends_like_an_uninterrupted_run(tiny_data, tmp_pa
     fit(tiny_data, tmp_path / "split", "trainer.epochs=1")
     resumed = fit(tiny_data, tmp_path / "split", "trainer.epochs=2")  # trainer.resume=auto
     assert_same_weights(weights(tmp_path / "whole"), weights(tmp_path / "split"), rtol=0, atol=0)
-    assert resumed["test_accuracy"] == whole["test_accuracy"] and resumed["steps"] == whole["steps"]
+    assert resumed["final"] == whole["final"] and resumed["steps"] == whole["steps"]
     a = [json.loads(x) for x in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
     b = [json.loads(x) for x in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
     strip = lambda r: {k: v for k, v in r.items() if "second" not in k}  # noqa: E731
@@ -65,6 +66,29 @@ def test_resume_null_starts_afresh(tiny_data, tmp_path):
     assert again["epochs"] == 1 and again["steps"] == 8
 
 
+def test_a_mid_epoch_resume_restores_the_running_sums_of_the_epoch(tiny_data, tmp_path):
+    """Stopped by SIGTERM at step 5 of 8 and resumed: epoch 1's train loss and accuracy are the whole epoch's."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    whole = fit(tiny_data, tmp_path / "whole", "trainer.epochs=1")
+    steps = []
+    hook = register_optimizer_step_post_hook(
+        lambda *_: steps.append(1) or (len(steps) == 5 and os.kill(os.getpid(), signal.SIGTERM)))
+    try:
+        fit(tiny_data, tmp_path / "split", "trainer.epochs=1")
+    finally:
+        hook.remove()
+    assert load_checkpoint(tmp_path / "split" / "checkpoints" / "last.pt")["loop"]["step"] == 5
+    assert not (tmp_path / "split" / "results.json").exists()
+    fit(tiny_data, tmp_path / "split", "trainer.epochs=1")
+    a = json.loads((tmp_path / "whole" / "metrics.jsonl").read_text())
+    b = json.loads((tmp_path / "split" / "metrics.jsonl").read_text())
+    for key in ("train/loss", "train/margin_loss", "train/recon_loss", "train/accuracy", "test/accuracy"):
+        assert b[key] == pytest.approx(a[key], rel=1e-12), key
+    assert whole["steps"] == 8
+
+
+@pytest.mark.slow
 def test_two_gloo_processes_match_one_process_on_the_same_global_batches(tiny_data, tmp_path):
     args = [f"dataset.root={tiny_data}", *FAST, "trainer.epochs=1", "dataset.train_subset=128",
             "dataset.test_subset=63", "trainer.device=cpu"]
@@ -81,9 +105,10 @@ def test_two_gloo_processes_match_one_process_on_the_same_global_batches(tiny_da
     one = json.loads((tmp_path / "one" / "results.json").read_text())
     two = json.loads((tmp_path / "two" / "results.json").read_text())
     assert two["world_size"] == 2 and one["world_size"] == 1
-    assert two["test_accuracy"] == pytest.approx(one["test_accuracy"])
+    acc = two["final"]["test/accuracy"]
+    assert acc == pytest.approx(one["final"]["test/accuracy"])
     # 63 test images: accuracy is a multiple of 1/63, so no image was dropped or counted twice
-    assert round(two["test_accuracy"] * 63 / 100, 6) == round(two["test_accuracy"] * 63 / 100)
+    assert round(acc * 63 / 100, 6) == round(acc * 63 / 100)
 
 
 @pytest.mark.parametrize("launcher, target", [("slurm", "SlurmLauncher"), ("local", "LocalLauncher"),
@@ -101,6 +126,7 @@ def test_cluster_launchers_compose(launcher, target):
         assert cfg.hydra.launcher.tasks_per_node == 4 and cfg.hydra.launcher.max_num_timeout > 0
 
 
+@pytest.mark.slow
 def test_submitit_local_runs_a_training_job(tiny_data, tmp_path):
     proc = run_train(["-m", "hydra/launcher=local", f"hydra.sweep.dir={tmp_path / 'sweep'}",
                       f"dataset.root={tiny_data}", *FAST, "trainer.epochs=1", "dataset.train_subset=64"],
@@ -108,3 +134,52 @@ def test_submitit_local_runs_a_training_job(tiny_data, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((tmp_path / "sweep" / "0" / "results.json").read_text())
     assert results["epochs"] == 1
+
+
+class FixedScores(torch.nn.Module):
+    """A stand-in model whose scores are given per image (by the image's first pixel value)."""
+
+    def __init__(self, table):
+        super().__init__()
+        self.table = table
+
+    def forward(self, images, recon_classes=None):
+        from capsnet.types import ModelOutput
+
+        return ModelOutput(scores=self.table[(images[:, 0, 0, 0] * 255).round().long()])
+
+
+def test_evaluation_oracle_on_one_and_two_shards(monkeypatch):
+    """Known scores on a fixed set: exact accuracy, error and mean loss, counted once over 1 or 2 shards."""
+    import capsnet.train.engine as engine
+    from contextlib import nullcontext
+
+    from capsnet.data.loader import BatchLoader
+    from capsnet.data.source import Split
+    from capsnet.losses.cross_entropy import CrossEntropyLoss
+    from capsnet.metrics import TopKAccuracy
+
+    n, k = 11, 3
+    table = torch.randn(n, k, dtype=torch.float64)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 2, 2])
+    images = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 1, 2, 2).contiguous()
+    split = Split("test", images, labels)
+    correct = (table.argmax(1) == labels).sum().item()
+    ce = torch.nn.functional.cross_entropy(table, labels).item()
+    model, metrics = FixedScores(table), {"acc": TopKAccuracy()}
+    one = engine.evaluate(model, CrossEntropyLoss(), metrics, BatchLoader(split, 4, train=False), nullcontext,
+                          torch.device("cpu"))
+    assert one["test/accuracy"] == pytest.approx(100 * correct / n)
+    assert one["test/error"] == pytest.approx(100 - 100 * correct / n)
+    assert one["test/loss"] == pytest.approx(ce)
+    shard_sums = []
+    monkeypatch.setattr(engine, "all_reduce", lambda sums, device: shard_sums.append(
+        {key: float(v) for key, v in sums.items()}) or shard_sums[-1])
+    for rank in range(2):
+        engine.evaluate(model, CrossEntropyLoss(), metrics, BatchLoader(split, 2, train=False, rank=rank,
+                        world_size=2), nullcontext, torch.device("cpu"))
+    totals = {key: shard_sums[0][key] + shard_sums[1][key] for key in shard_sums[0]}
+    assert totals["count"] == n
+    assert engine.summarize(totals, metrics) == pytest.approx({"loss": ce, "ce_loss": ce,
+                                                               "accuracy": 100 * correct / n,
+                                                               "error": 100 - 100 * correct / n})

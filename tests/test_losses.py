@@ -1,7 +1,7 @@
 import torch
 
 from capsnet.losses.capsule import CapsuleLoss, margin_loss, reconstruction_loss
-from capsnet.models import ModelOutput
+from capsnet.types import Batch, ModelOutput
 
 
 def test_margin_loss_hand_computed():
@@ -34,8 +34,25 @@ def test_reconstruction_loss_sums_pixels_and_averages_batch():
 
 
 def test_capsule_loss_total_is_margin_plus_weighted_reconstruction():
-    out = ModelOutput(torch.tensor([[0.3, 0.6]]), reconstruction=torch.zeros(1, 1, 2, 2))
-    images = torch.ones(1, 1, 2, 2)
-    terms = CapsuleLoss(recon_weight=0.5)(out, images, torch.tensor([1]))
+    out = ModelOutput(scores=torch.tensor([[0.3, 0.6]]), reconstructions=torch.zeros(1, 1, 1, 2, 2))
+    batch = Batch(torch.ones(1, 1, 2, 2), torch.tensor([1]))  # the input is the reconstruction target
+    terms = CapsuleLoss(recon_weight=0.5)(out, batch)
     torch.testing.assert_close(terms["recon_loss"], torch.tensor(4.0))
     torch.testing.assert_close(terms["loss"], terms["margin_loss"] + 2.0)
+
+
+def test_two_reconstructions_add_their_squared_errors():
+    """MultiMNIST (section 6): margin on the two-hot label + 0.0005 (SSE_1 + SSE_2), each digit its own target."""
+    recon = torch.rand(3, 2, 1, 4, 4, dtype=torch.float64)
+    parts = torch.rand(3, 2, 1, 4, 4, dtype=torch.float64)
+    labels = torch.zeros(3, 10)
+    labels[:, 1] = labels[:, 7] = 1
+    scores = torch.rand(3, 10, dtype=torch.float64)
+    batch = Batch(torch.rand(3, 1, 4, 4), labels, {"reconstruction": parts})
+    terms = CapsuleLoss()(ModelOutput(scores=scores, reconstructions=recon), batch)
+    sse = sum(((recon[b, r] - parts[b, r]) ** 2).sum() for b in range(3) for r in range(2)) / 3
+    margin = sum(labels[b, k] * max(0.0, 0.9 - scores[b, k]) ** 2
+                 + 0.5 * (1 - labels[b, k]) * max(0.0, scores[b, k] - 0.1) ** 2
+                 for b in range(3) for k in range(10)) / 3
+    torch.testing.assert_close(terms["recon_loss"], sse.float(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(terms["loss"].double(), (margin + 0.0005 * sse).double(), rtol=1e-5, atol=1e-6)

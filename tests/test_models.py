@@ -31,20 +31,24 @@ def test_routing_iters_override_reaches_the_model():
     assert build(["routing.iters=4", *TINY_CAPSNET]).routing.iters == 4
 
 
-def test_decoder_masks_with_true_label_in_training_and_longest_capsule_in_eval():
+def test_decoder_masks_with_the_given_classes_else_with_the_longest_capsule():
     model = build(TINY_CAPSNET)
     with torch.no_grad():
         model.class_caps.weight.mul_(1000.0)  # poses far from zero, so every mask decodes differently
     x, target = torch.rand(6, 1, 28, 28), torch.tensor([0, 1, 2, 3, 4, 5])
     model.train()
-    out = model(x, target)
-    torch.testing.assert_close(out.reconstruction, model.decoder(out.poses, target))
+    out = model(x, target.unsqueeze(1))
+    assert out.reconstructions.shape == (6, 1, 1, 28, 28)
+    torch.testing.assert_close(out.reconstructions[:, 0], model.decoder(out.poses, target))
+    two = torch.stack([target, (target + 3) % 10], 1)  # MultiMNIST: one decoding per listed class
+    out2 = model(x, two)
+    torch.testing.assert_close(out2.reconstructions[:, 1], model.decoder(out.poses, two[:, 1]))
     model.eval()
-    out = model(x, target)
+    out = model(x)
     predicted = out.scores.argmax(-1)
-    torch.testing.assert_close(out.reconstruction, model.decoder(out.poses, predicted))
+    torch.testing.assert_close(out.reconstructions[:, 0], model.decoder(out.poses, predicted))
     other = (predicted + 1) % 10
-    assert not torch.allclose(out.reconstruction, model.decoder(out.poses, other))
+    assert not torch.allclose(out.reconstructions[:, 0], model.decoder(out.poses, other))
 
 
 def test_decoder_sees_only_the_selected_capsule():
@@ -59,5 +63,5 @@ def test_decoder_sees_only_the_selected_capsule():
 def test_forward_shapes():
     out = build(TINY_CAPSNET)(torch.rand(3, 1, 28, 28))
     assert out.scores.shape == (3, 10) and out.poses.shape == (3, 10, 4)
-    assert out.reconstruction.shape == (3, 1, 28, 28)
+    assert out.reconstructions.shape == (3, 1, 1, 28, 28)
     assert ((out.scores > 0) & (out.scores < 1)).all()

@@ -39,7 +39,7 @@ def reference_routing(u_hat, iters, leaky=False, bias=None):
 @pytest.mark.parametrize("iters", [1, 2, 3, 4, 5])
 def test_matches_explicit_loop_reference(iters):
     u_hat = torch.randn(3, 7, 4, 5) * 0.5
-    v, c = DynamicRouting(iters)(u_hat)
+    v, _, c = DynamicRouting(iters)(u_hat)
     v_ref, c_ref = reference_routing(u_hat, iters)
     torch.testing.assert_close(v.double(), v_ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(c.double(), c_ref, rtol=1e-5, atol=1e-6)
@@ -47,7 +47,7 @@ def test_matches_explicit_loop_reference(iters):
 
 def test_leaky_and_bias_match_reference():
     u_hat, bias = torch.randn(2, 6, 3, 4), torch.randn(3, 4) * 0.1
-    v, c = DynamicRouting(3, leaky=True)(u_hat, bias)
+    v, _, c = DynamicRouting(3, leaky=True)(u_hat, bias=bias)
     v_ref, c_ref = reference_routing(u_hat, 3, leaky=True, bias=bias)
     torch.testing.assert_close(v.double(), v_ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(c.double(), c_ref, rtol=1e-5, atol=1e-6)
@@ -56,36 +56,36 @@ def test_leaky_and_bias_match_reference():
 
 @pytest.mark.parametrize("iters", [1, 3, 5])
 def test_couplings_sum_to_one_over_upper_capsules(iters):
-    _, c = DynamicRouting(iters)(torch.randn(4, 50, 10, 16))
+    _, _, c = DynamicRouting(iters)(torch.randn(4, 50, 10, 16))
     torch.testing.assert_close(c.sum(-1), torch.ones(4, 50))
 
 
 def test_one_iteration_gives_uniform_couplings():
-    _, c = DynamicRouting(1)(torch.randn(2, 30, 10, 8))
+    _, _, c = DynamicRouting(1)(torch.randn(2, 30, 10, 8))
     torch.testing.assert_close(c, torch.full_like(c, 0.1))
 
 
 def test_later_iterations_move_couplings_away_from_uniform():
-    _, c = DynamicRouting(3)(torch.randn(2, 30, 10, 8))
+    _, _, c = DynamicRouting(3)(torch.randn(2, 30, 10, 8))
     assert (c - 0.1).abs().max() > 1e-3
 
 
 def test_record_keeps_every_iteration_and_the_last_is_returned():
     routing = DynamicRouting(4)
     routing.record = True
-    _, c = routing(torch.randn(2, 9, 5, 3))
-    assert len(routing.couplings) == 4
-    torch.testing.assert_close(routing.couplings[-1], c.detach())
+    _, lengths, c = routing(torch.randn(2, 9, 5, 3))
+    assert len(routing.recorded["couplings"]) == 4
+    torch.testing.assert_close(routing.recorded["couplings"][-1], c.detach())
     routing.record = False
     routing(torch.randn(2, 9, 5, 3))
-    assert routing.couplings == []
+    assert routing.recorded == {}
 
 
 def test_detach_intermediate_changes_gradients_not_values():
     u = torch.randn(2, 9, 5, 3, requires_grad=True)
-    v_full, _ = DynamicRouting(3)(u)
+    v_full = DynamicRouting(3)(u).poses
     g_full, = torch.autograd.grad(v_full.square().sum(), u)
-    v_det, _ = DynamicRouting(3, detach_intermediate=True)(u)
+    v_det = DynamicRouting(3, detach_intermediate=True)(u).poses
     g_det, = torch.autograd.grad(v_det.square().sum(), u)
     torch.testing.assert_close(v_full, v_det)
     assert not torch.allclose(g_full, g_det)
@@ -94,7 +94,7 @@ def test_detach_intermediate_changes_gradients_not_values():
 def test_routing_runs_in_float32_under_bf16_autocast():
     u = torch.randn(2, 9, 5, 3)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        v, c = DynamicRouting(3)(u.bfloat16())
+        v, _, c = DynamicRouting(3)(u.bfloat16())
     assert v.dtype == c.dtype == torch.float32
     torch.testing.assert_close(c.sum(-1), torch.ones(2, 9))
 
@@ -148,7 +148,7 @@ def test_hand_written_backward_matches_autograd(iters, leaky, with_bias, detach)
     u = (torch.randn(3, 11, 4, 5, dtype=torch.float64) * 0.7).requires_grad_(True)
     bias = (torch.randn(4, 5, dtype=torch.float64) * 0.1).requires_grad_(True) if with_bias else None
     gv, gc = torch.randn(3, 4, 5, dtype=torch.float64), torch.randn(3, 11, 4, dtype=torch.float64)
-    v, c = DynamicRouting(iters, leaky=leaky, detach_intermediate=detach)(u, bias)
+    v, _, c = DynamicRouting(iters, leaky=leaky, detach_intermediate=detach)(u, bias=bias)
     ins = [u] + ([bias] if with_bias else [])
     fast = torch.autograd.grad((v.double() * gv).sum() + (c.double() * gc).sum(), ins)
     v_ref, c_ref = autograd_routing(u, iters, leaky, bias, detach)
@@ -192,7 +192,7 @@ def test_naive_class_capsules_equal_the_fast_ones():
 
     layer = ClassCapsules(in_capsules=20, in_dim=8, out_capsules=10, out_dim=16, init_std=0.1)
     u = torch.randn(3, 20, 8)
-    v_fast, c_fast = layer(u)
-    v_naive, c_naive = NaiveClassCapsules(layer)(u)
+    v_fast, _, c_fast = layer(u)
+    v_naive, _, c_naive = NaiveClassCapsules(layer)(u)
     torch.testing.assert_close(v_fast, v_naive, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(c_fast, c_naive, rtol=1e-4, atol=1e-6)

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from capsnet.nn.squash import get_squash
+from capsnet.types import RoutingOutput
 
 
 def naive_routing(u_hat: torch.Tensor, iters: int, squash=get_squash("paper"), leaky: bool = False):
@@ -43,4 +44,5 @@ class NaiveClassCapsules(nn.Module):
         w = L.weight.view(-1, L.in_dim, L.out_capsules, L.out_dim).expand(n_in, -1, -1, -1)
         w = w.permute(0, 2, 3, 1).unsqueeze(0).expand(bsz, -1, -1, -1, -1)  # [B, I, J, D, in_dim]
         u_hat = (w @ u.view(bsz, n_in, 1, L.in_dim, 1)).squeeze(-1)  # [B, I, J, D]
-        return naive_routing(u_hat, L.routing.iters, L.routing.squash, L.routing.leaky)
+        v, c = naive_routing(u_hat, L.routing.iters, L.routing.squash, L.routing.leaky)
+        return RoutingOutput(v, v.norm(dim=-1), c)
