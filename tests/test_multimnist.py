@@ -66,6 +66,15 @@ def find(part: torch.Tensor, cands: torch.Tensor, offsets) -> tuple[int, tuple[i
     return digit, offsets[k]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Batches of a few tiny images: intra-op threads only add waits on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def digits():
     return fake_digits(N)
@@ -352,3 +361,19 @@ def test_the_loader_turns_a_split_into_batches(digits):
     assert b.images.shape == (8, 1, 36, 36) and b.images.dtype == torch.float32 and b.images.max() <= 1
     assert b.recon_targets.shape == (8, 2, 1, 36, 36) and b.recon_classes.shape == (8, 2)
     assert torch.equal(b.labels.sum(1), torch.full((8,), 2.0))
+
+
+def test_the_data_source_pairs_mnist_splits(tmp_path):
+    from helpers import make_mnist
+
+    from capsnet.data.multimnist import MultiMNIST
+    root = make_mnist(tmp_path / "data", n_train=40, n_test=20)
+    source = MultiMNIST(root=str(root), download=False, pairs_per_digit=5, test_pairs=30, val_size=10, seed=4)
+    train, evals = source.train(), source.evals()
+    assert isinstance(train, MultiMNISTSplit) and train.regenerate and len(train) == 30
+    assert sorted(evals) == ["test", "val"] and [len(s) for s in evals.values()] == [30, 30]
+    assert not evals["test"].regenerate and source.in_shape == (1, 36, 36) and source.num_classes == 10
+    images, labels, targets = evals["test"].get(torch.arange(4))
+    assert images.shape == (4, 1, 36, 36) and targets["recon_classes"].shape == (4, 2)
+    with pytest.raises(DatasetError, match="pair_shift"):
+        MultiMNIST(root=str(root), shift=2)

@@ -38,6 +38,7 @@ import torch
 from torch.nn import functional as F
 
 from capsnet.data.source import Split
+from capsnet.data.torchvision_images import TorchvisionImages
 from capsnet.errors import DatasetError
 
 _U32 = 0xFFFFFFFF
@@ -284,3 +285,59 @@ def _check_digits(images, labels, num_classes: int) -> tuple[torch.Tensor, torch
     if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
         raise DatasetError(f"multimnist labels must be in [0, {num_classes}): pass num_classes")
     return images.cpu().contiguous(), labels.cpu().contiguous()
+
+
+# --- the data source -----------------------------------------------------------------
+
+class MultiMNIST(TorchvisionImages):
+    """MNIST whose splits are MultiMNIST pairs: a data source (`train()`, `evals()`) for configs/dataset/.
+
+    Args (beyond `TorchvisionImages`'; `shift` there, the single-digit random
+    shift, must stay 0: the pairs carry their own):
+        pairs_per_digit: partners per base digit (paper: 1000).
+        train_pairs: pairs per training epoch (default: N, each digit once as a
+            base with a fresh partner; null: all N * pairs_per_digit).
+        test_pairs: pairs of each evaluation set (default 10,000 for per-epoch
+            evaluation; null: the full N * pairs_per_digit, the paper's 10M).
+        pair_shift, pad: SPEC 5.1 (official 6 and 4).
+        test_seed: keys the evaluation sets, fixed across runs so that every run
+            is scored on the same pairs; training uses the run's `seed`.
+    """
+
+    def __init__(self, dataset: str = "torchvision.datasets.MNIST", *, pairs_per_digit: int = 1000,
+                 train_pairs: int | None | str = "digits", test_pairs: int | None = 10_000,
+                 pair_shift: int = 6, pad: int = 4, test_seed: int = 0, **kwargs):
+        if kwargs.get("shift"):
+            raise DatasetError("multimnist takes dataset.pair_shift, not dataset.shift: set dataset.shift=0")
+        super().__init__(dataset, **kwargs)
+        self.pairs_per_digit, self.train_pairs, self.test_pairs = pairs_per_digit, train_pairs, test_pairs
+        self.pair_shift, self.pad, self.test_seed = pair_shift, pad, test_seed
+
+    def _pairs(self, split: Split, *, regenerate: bool, num_pairs, seed: int) -> MultiMNISTSplit:
+        if num_pairs == "digits":
+            num_pairs = len(split.labels)
+        elif num_pairs is not None:
+            num_pairs = min(num_pairs, len(split.labels) * self.pairs_per_digit)
+        return MultiMNISTSplit(split.images, split.labels, pairs_per_digit=self.pairs_per_digit,
+                               num_pairs=num_pairs, shift=self.pair_shift, pad=self.pad, seed=seed,
+                               regenerate=regenerate, name=split.name, transforms=split.transforms,
+                               num_classes=self.num_classes)
+
+    def train(self) -> MultiMNISTSplit:
+        if "pairs:train" not in self._cache:
+            self._cache["pairs:train"] = self._pairs(super().train(), regenerate=True,
+                                                     num_pairs=self.train_pairs, seed=self.seed)
+        return self._cache["pairs:train"]
+
+    def evals(self) -> dict:
+        if "pairs:evals" not in self._cache:
+            self._cache["pairs:evals"] = {
+                name: self._pairs(split, regenerate=False, num_pairs=self.test_pairs, seed=self.test_seed + k)
+                for k, (name, split) in enumerate(super().evals().items())}
+            self._check_agree(self._cache["pairs:evals"])
+        return self._cache["pairs:evals"]
+
+    def _check_agree(self, sets: dict) -> None:
+        """Checked on the paired sets: the raw digits are 28x28, the pairs 36x36."""
+        if all(isinstance(split, MultiMNISTSplit) for split in sets.values()):
+            super()._check_agree(sets)
