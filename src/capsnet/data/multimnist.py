@@ -280,7 +280,8 @@ def _check_digits(images, labels, num_classes: int) -> tuple[torch.Tensor, torch
     if images.dtype != torch.uint8 or images.dim() != 4:
         raise DatasetError(f"multimnist digits must be uint8 [N, C, H, W], got {images.dtype} {tuple(images.shape)}")
     if labels.shape != images.shape[:1]:
-        raise DatasetError(f"multimnist has {len(images)} digits but labels of shape {tuple(labels.shape)}: pass one label per digit")
+        raise DatasetError(f"multimnist has {len(images)} digits but labels of shape {tuple(labels.shape)}: "
+                           "pass one label per digit")
     labels = labels.long()
     if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
         raise DatasetError(f"multimnist labels must be in [0, {num_classes}): pass num_classes")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from capsnet.errors import CapsnetError
 from capsnet.types import ModelOutput
 
 
@@ -21,7 +22,8 @@ class MultiMNISTBaselineCNN(nn.Module):
                  hidden=(1024,), dropout: float = 0.0):
         super().__init__()
         if len(channels) != len(kernel_sizes):
-            raise ValueError(f"channels {list(channels)} and kernel_sizes {list(kernel_sizes)} need one entry per conv layer")
+            raise CapsnetError(f"model.channels {list(channels)} and model.kernel_sizes {list(kernel_sizes)} "
+                               "need one entry per conv layer: give both the same length")
         self.in_shape, self.num_classes = tuple(in_shape), num_classes
         layers, c_in = [], self.in_shape[0]
         for c_out, k in zip(channels, kernel_sizes):
