@@ -95,7 +95,8 @@ def test_efficient_capsnet_trains_with_the_margin_loss_under_autocast():
 def resnet_count(c_in=3):
     conv = lambda a, b, k: a * b * k * k  # noqa: E731
     bn = lambda c: 2 * c  # noqa: E731
-    block = lambda a, b: conv(a, b, 3) + conv(b, b, 3) + 2 * bn(b) + (conv(a, b, 1) + bn(b) if a != b else 0)  # noqa: E731
+    shortcut = lambda a, b: conv(a, b, 1) + bn(b) if a != b else 0  # noqa: E731
+    block = lambda a, b: conv(a, b, 3) + conv(b, b, 3) + 2 * bn(b) + shortcut(a, b)  # noqa: E731
     return conv(c_in, 64, 3) + bn(64) + 3 * block(64, 64) + block(64, 128) + 3 * block(128, 128)
 
 

@@ -69,7 +69,8 @@ class IDPACapsNet(nn.Module):
                  matrix_pose: bool = True, concurrent: bool = True):
         super().__init__()
         self.in_shape, self.num_classes, self.concurrent = tuple(in_shape), num_classes, bool(concurrent)
-        self.backbone = backbone(in_channels=self.in_shape[0]) if backbone is not None else ResNetBackbone(self.in_shape[0])
+        backbone = backbone if backbone is not None else ResNetBackbone
+        self.backbone = backbone(in_channels=self.in_shape[0])
         self.primary = IDPAPrimaryCapsules(self.backbone.out_channels, primary_capsules, capsule_dim)
         with torch.no_grad():
             grid = self.primary(self.backbone.eval()(torch.zeros(1, *self.in_shape))).shape
@@ -77,7 +78,8 @@ class IDPACapsNet(nn.Module):
         layers, n_in, (h, w) = [], primary_capsules, grid[2:4]
         for spec in conv_caps:
             k, s = spec.get("kernel_size", 3), spec.get("stride", 1)
-            layers.append(IDPAConvCapsules(n_in, capsule_dim, spec["capsules"], capsule_dim, k, s, matrix_pose, routing))
+            layers.append(IDPAConvCapsules(n_in, capsule_dim, spec["capsules"], capsule_dim, k, s,
+                                           matrix_pose, routing))
             n_in, h, w = spec["capsules"], (h - k) // s + 1, (w - k) // s + 1
             if min(h, w) < 1:
                 raise CapsnetError(f"idpa_capsnet: the input {self.in_shape} is too small for the conv capsule layers; "

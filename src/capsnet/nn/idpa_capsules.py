@@ -55,7 +55,8 @@ def _transform_weight(n_in: int, in_dim: int, n_out: int, out_dim: int, matrix_p
     """W for every (child, parent) pair; scale sqrt(n_out / fan) as in the authors' code."""
     if matrix_pose:
         if in_dim != out_dim or math.isqrt(in_dim) ** 2 != in_dim:
-            raise CapsnetError(f"matrix poses need equal square capsule sizes (e.g. 16 = 4x4), got {in_dim} -> {out_dim}: "
+            raise CapsnetError(f"matrix poses need equal square capsule sizes (e.g. 16 = 4x4), "
+                               f"got {in_dim} -> {out_dim}: "
                                f"set matrix_pose: false or capsule_dim: 16")
         side = math.isqrt(in_dim)
         return nn.Parameter(torch.randn(n_in, n_out, side, side) * math.sqrt(n_out / (side * fan)))
@@ -124,7 +125,8 @@ class IDPAClassCapsules(nn.Module):
     def __init__(self, in_capsules: int, in_dim: int, out_capsules: int, out_dim: int = 16,
                  matrix_pose: bool = True, routing=None):
         super().__init__()
-        self.in_capsules, self.out_capsules, self.out_dim, self.matrix_pose = in_capsules, out_capsules, out_dim, matrix_pose
+        self.in_capsules, self.out_capsules, self.out_dim = in_capsules, out_capsules, out_dim
+        self.matrix_pose = matrix_pose
         self.weight = _transform_weight(in_capsules, in_dim, out_capsules, out_dim, matrix_pose, in_capsules)
         self.routing = build_routing(routing, in_capsules=in_capsules, out_capsules=out_capsules, out_dim=out_dim)
 
