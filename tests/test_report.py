@@ -37,21 +37,21 @@ def test_report_groups_seeds_and_computes_mean_and_std_from_the_runs(sweep):
     for job in sweep.iterdir():
         if (job / "results.json").is_file():
             r = json.loads((job / "results.json").read_text())
-            errors[r["routing_iters"]].append(r["test_error"])
+            errors[r["routing_iters"]].append(r["final"]["test/error"])
     assert [len(v) for v in errors.values()] == [2, 2]
     rows = list(csv.DictReader((sweep / "summary.csv").open()))
     assert [int(r["routing_iters"]) for r in rows] == [1, 2]
     for r in rows:
         errs = errors[int(r["routing_iters"])]
         assert int(r["n"]) == 2
-        assert float(r["test_error_mean"]) == pytest.approx(statistics.fmean(errs))
-        assert float(r["test_error_std"]) == pytest.approx(statistics.stdev(errs))
+        assert float(r["test/error mean"]) == pytest.approx(statistics.fmean(errs))
+        assert float(r["test/error std"]) == pytest.approx(statistics.stdev(errs))
     table = (sweep / "summary.md").read_text()
     assert proc.stdout == table
     body = [line for line in table.splitlines() if line.startswith("| capsnet")]
     assert len(body) == 2
     for line, r in zip(body, rows):
-        assert f"{float(r['test_error_mean']):.2f}" in line and "| 2 |" in line  # the CSV agrees with the table
+        assert f"{float(r['test/error mean']):.2f}" in line and "| 2 |" in line  # the CSV agrees with the table
 
 
 def test_report_plot_is_an_image(sweep):

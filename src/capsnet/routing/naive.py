@@ -38,6 +38,10 @@ class NaiveClassCapsules(nn.Module):
     def out_dim(self):
         return self.layer.out_dim
 
+    @property
+    def routing(self):
+        return self.layer.routing
+
     def forward(self, u: torch.Tensor):
         L = self.layer
         bsz, n_in, _ = u.shape

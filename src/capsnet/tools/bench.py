@@ -29,34 +29,31 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from capsnet.nn.capsules import ClassCapsules, PrimaryCapsules
-from capsnet.nn.decoder import ReconstructionDecoder
-from capsnet.nn.features import ConvFeatures
-from capsnet.losses.capsule import CapsuleLoss
-from capsnet.models import CapsNet
+from capsnet.train.build import build_loss, build_model, compose_config
+from capsnet.types import Batch
 from capsnet.train.perf import configure_allocator, release_free_memory
 from capsnet.routing.naive import NaiveClassCapsules
-from capsnet.routing.dynamic import DynamicRouting
 
 
-def build_capsnet(iters: int = 3, naive: bool = False) -> CapsNet:
-    model = CapsNet((1, 28, 28), 10, partial(ConvFeatures), partial(PrimaryCapsules),
-                    partial(ClassCapsules, routing=DynamicRouting(iters)), partial(ReconstructionDecoder))
+def build_capsnet(iters: int = 3, naive: bool = False):
+    """(the paper's CapsNet from configs/model/capsnet.yaml, its loss): the network `train.py` trains."""
+    cfg = compose_config(["model=capsnet", f"routing.iters={iters}"])
+    model = build_model(cfg, (1, 28, 28), 10)
     if naive:
         model.class_caps = NaiveClassCapsules(model.class_caps)
-    return model
+    return model, build_loss(cfg)
 
 
 class ConvBound(nn.Module):
-    """Conv1 and the PrimaryCaps convolution alone: the floor under any CapsNet step."""
+    """The model's own convolutions alone (Conv1 and the PrimaryCaps convolution): the floor under any
+    CapsNet step."""
 
-    def __init__(self):
+    def __init__(self, capsnet):
         super().__init__()
-        self.conv1 = nn.Conv2d(1, 256, 9)
-        self.conv2 = nn.Conv2d(256, 256, 9, stride=2)
+        self.features, self.conv = capsnet.features, capsnet.primary.conv
 
-    def forward(self, x, target=None):
-        return self.conv2(torch.relu(self.conv1(x)))
+    def forward(self, x, recon_classes=None):
+        return self.conv(self.features(x))
 
 
 def cpu_name() -> str:
@@ -129,7 +126,7 @@ def time_case(step, warmup: int, steps: int, device, memory: Memory) -> tuple[fl
     return statistics.median(times), memory.peak_mb()
 
 
-def make_steps(model, train: bool, x, y, autocast, scaler=None):
+def make_steps(model, crit, train: bool, x, y, autocast, scaler=None):
     if not train:
         model.eval()
 
@@ -141,12 +138,12 @@ def make_steps(model, train: bool, x, y, autocast, scaler=None):
         return infer
     model.train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    crit = CapsuleLoss()
+    batch = Batch(x, y)
 
     def train_step():
         with autocast():
-            out = model(x, y)
-            loss = crit(out, x, y)["loss"] if not isinstance(model, ConvBound) else out.float().sum()
+            out = model(x, y.unsqueeze(1))
+            loss = crit(out, batch)["loss"] if not isinstance(model, ConvBound) else out.float().sum()
         opt.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -162,10 +159,9 @@ def make_steps(model, train: bool, x, y, autocast, scaler=None):
 
 def run_case(kind: str, train: bool, batch: int, iters: int, args, device, memory) -> dict:
     torch.manual_seed(0)
+    model, crit = build_capsnet(iters, naive=kind == "naive")
     if kind == "conv-only":
-        model = ConvBound()
-    else:
-        model = build_capsnet(iters, naive=kind == "naive")
+        model = ConvBound(model)
     model = model.to(device)
     x, y = mnist_batch(batch, device)
     if args.channels_last:
@@ -176,7 +172,7 @@ def run_case(kind: str, train: bool, batch: int, iters: int, args, device, memor
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
     autocast = (partial(torch.autocast, device.type, dtype=dtype) if dtype else contextlib.nullcontext)
     scaler = torch.amp.GradScaler(device.type) if args.amp == "fp16" and kind != "conv-only" else None
-    step = make_steps(model, train, x, y, autocast, scaler)
+    step = make_steps(model, crit, train, x, y, autocast, scaler)
     seconds, peak = time_case(step, args.warmup, args.steps, device, memory)
     del model, step
     return {"case": kind, "mode": "train" if train else "infer", "batch": batch,

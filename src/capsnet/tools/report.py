@@ -25,6 +25,13 @@ import yaml
 PAPER_MNIST = {("baseline_cnn", None, None): (0.39, None), ("capsnet", 1, "no"): (0.34, 0.032),
                ("capsnet", 1, "yes"): (0.29, 0.011), ("capsnet", 3, "no"): (0.35, 0.036),
                ("capsnet", 3, "yes"): (0.25, 0.005)}
+# The paper's other figures (error %), by (dataset, reported value, model): SPEC section 4.
+PAPER_OTHER = {("multimnist", "test/pair_error", "capsnet"): 5.2,
+               ("multimnist", "test/pair_error", "baseline_cnn_multimnist"): 8.1,
+               ("expanded_mnist", "affnist/error", "capsnet"): 21.0,
+               ("expanded_mnist", "affnist/error", "baseline_cnn"): 34.0,
+               ("smallnorb", "test/error", "capsnet"): 2.7, ("svhn", "test/error", "capsnet_svhn"): 4.3,
+               ("cifar10", "test/error", "capsnet_cifar10"): 10.6}
 DERIVED = ("model", "dataset", "routing_iters", "reconstruction")
 # Override keys the derived columns already describe, or that only pick among named settings.
 NOT_SETTINGS = {"seed", "model", "dataset", "variant", "experiment", "routing.iters", "loss.recon_weight",
@@ -45,10 +52,21 @@ class Group:
     runs: list = field(default_factory=list)
 
     def stat(self, key: str):
-        vals = [r.results[key] for r in self.runs if r.results.get(key) is not None]
+        vals = [v for v in (value(r.results, key) for r in self.runs) if v is not None]
         if not vals:
             return None, None
         return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else None)
+
+
+def value(results: dict, key: str):
+    """A run's final evaluation value ("test/error", "affnist/error", ...) or a summary field."""
+    return (results.get("final") or {}).get(key, results.get(key))
+
+
+def error_keys(runs: list) -> list[str]:
+    """Every final value named *error that some run reports, the test set's first."""
+    keys = {k for r in runs if r.results for k in (r.results.get("final") or {}) if k.endswith("error")}
+    return sorted(keys, key=lambda k: (not k.startswith("test/"), k))
 
 
 def _derived(cfg: dict) -> dict:
@@ -99,10 +117,12 @@ def group_runs(runs: list[RunRecord], columns: list[str]) -> list[Group]:
     return sorted(groups.values(), key=order)
 
 
-def paper_figure(setting: dict) -> str:
-    if setting.get("dataset") != "mnist":
-        return "-"
-    fig = PAPER_MNIST.get((setting["model"], setting["routing_iters"], setting["reconstruction"]))
+def paper_figure(setting: dict, key: str) -> str:
+    if setting.get("dataset") == "mnist" and key == "test/error":
+        fig = PAPER_MNIST.get((setting["model"], setting["routing_iters"], setting["reconstruction"]))
+    else:
+        fig = PAPER_OTHER.get((setting.get("dataset"), key, setting.get("model")))
+        fig = None if fig is None else (fig, None)
     if fig is None:
         return "-"
     return f"{fig[0]:.2f}" + (f" ± {fig[1]:.3f}" if fig[1] is not None else "")
@@ -112,16 +132,17 @@ def _fmt(x, digits=2) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
-def table_rows(groups: list[Group], columns: list[str]) -> list[dict]:
+def table_rows(groups: list[Group], columns: list[str], errors: list[str]) -> list[dict]:
     rows = []
     for g in groups:
-        mean, std = g.stat("test_error")
         ips, _ = g.stat("train_images_per_second")
         params, _ = g.stat("params")
-        rows.append({**{c: g.setting.get(c) for c in columns}, "n": len(g.runs),
-                     "test_error_mean": mean, "test_error_std": std,
-                     "params": int(params) if params is not None else None,
-                     "images_per_second": ips, "paper_error": paper_figure(g.setting)})
+        row = {**{c: g.setting.get(c) for c in columns}, "n": len(g.runs)}
+        for key in errors:
+            row[f"{key} mean"], row[f"{key} std"] = g.stat(key)
+            row[f"{key} paper"] = paper_figure(g.setting, key)
+        row.update({"params": int(params) if params is not None else None, "images_per_second": ips})
+        rows.append(row)
     return rows
 
 
@@ -135,15 +156,18 @@ def setting_columns(runs: list[RunRecord]) -> list[str]:
     return keys
 
 
-def markdown(rows: list[dict], columns: list[str], runs: list[RunRecord]) -> str:
-    head = [*columns, "n", "test error % (mean ± std)", "paper error %", "params", "train images/s"]
+def markdown(rows: list[dict], columns: list[str], errors: list[str], runs: list[RunRecord]) -> str:
+    head = [*columns, "n"]
+    for key in errors:
+        head += [f"{key} % (mean ± std)", "paper %"]
+    head += ["params", "train images/s"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in rows:
-        err = _fmt(r["test_error_mean"]) + (f" ± {_fmt(r['test_error_std'])}" if r["test_error_std"] is not None
-                                            else "")
-        cells = [("-" if r[c] is None else str(r[c])) for c in columns]
-        cells += [str(r["n"]), err, r["paper_error"], f"{r['params']:,}" if r["params"] else "-",
-                  _fmt(r["images_per_second"], 1)]
+        cells = [("-" if r[c] is None else str(r[c])) for c in columns] + [str(r["n"])]
+        for key in errors:
+            std = r[f"{key} std"]
+            cells += [_fmt(r[f"{key} mean"]) + (f" ± {_fmt(std)}" if std is not None else ""), r[f"{key} paper"]]
+        cells += [f"{r['params']:,}" if r["params"] else "-", _fmt(r["images_per_second"], 1)]
         lines.append("| " + " | ".join(cells) + " |")
     bad = [r for r in runs if r.status != "finished"]
     if bad:
@@ -159,8 +183,8 @@ def write_csv(path: Path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
-def plot(path: Path, rows: list[dict], columns: list[str]) -> None:
-    """Test error against routing iterations, one line per setting of the other columns."""
+def plot(path: Path, rows: list[dict], columns: list[str], metric: str) -> None:
+    """The first reported error against routing iterations, one line per setting of the other columns."""
     import matplotlib
     import matplotlib.ticker
 
@@ -177,14 +201,14 @@ def plot(path: Path, rows: list[dict], columns: list[str]) -> None:
         pts = sorted((r for r in rs if r["routing_iters"] is not None), key=lambda r: r["routing_iters"])
         if pts:
             shift = 0.04 * (n - (len(lines) - 1) / 2)  # lines side by side, so error bars stay readable
-            ax.errorbar([r["routing_iters"] + shift for r in pts], [r["test_error_mean"] for r in pts],
-                        yerr=[r["test_error_std"] or 0.0 for r in pts], marker="o", capsize=3, label=label)
+            ax.errorbar([r["routing_iters"] + shift for r in pts], [r[f"{metric} mean"] for r in pts],
+                        yerr=[r[f"{metric} std"] or 0.0 for r in pts], marker="o", capsize=3, label=label)
         for r in rs:
-            if r["routing_iters"] is None:  # no routing (baseline): a horizontal reference
-                ax.axhline(r["test_error_mean"], linestyle="--", color="gray", label=label)
+            if r["routing_iters"] is None and r[f"{metric} mean"] is not None:  # no routing: a horizontal reference
+                ax.axhline(r[f"{metric} mean"], linestyle="--", color="gray", label=label)
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("routing iterations")
-    ax.set_ylabel("test error (%)")
+    ax.set_ylabel(f"{metric} (%)")
     ax.grid(alpha=0.3)
     if lines:
         ax.legend(fontsize=7)
@@ -198,12 +222,13 @@ def report(folders, out_dir: Path | None = None) -> str:
     if not runs:
         raise SystemExit(f"capsnet.tools.report: no runs (no .hydra/config.yaml) under {', '.join(map(str, folders))}")
     out_dir = Path(out_dir or folders[0])
-    columns = setting_columns(runs)
-    rows = table_rows(group_runs(runs, columns), columns)
-    text = markdown(rows, columns, runs)
+    columns, errors = setting_columns(runs), error_keys(runs)
+    rows = table_rows(group_runs(runs, columns), columns, errors)
+    text = markdown(rows, columns, errors, runs)
     (out_dir / "summary.md").write_text(text)
     write_csv(out_dir / "summary.csv", rows)
-    plot(out_dir / "error_vs_iters.png", rows, columns)
+    if errors:
+        plot(out_dir / "error_vs_iters.png", rows, columns, errors[0])
     return text
 
 

@@ -14,6 +14,22 @@ from omegaconf import DictConfig, OmegaConf
 
 from capsnet.train.checkpoint import load_checkpoint, load_model_state
 
+ROOT = Path(__file__).resolve().parents[3]  # the repository: configs/ and conf_experiments/ beside src/
+CONFIGS, EXPERIMENTS = ROOT / "configs", ROOT / "conf_experiments"
+
+
+def compose_config(overrides=(), config_name: str = "train") -> DictConfig:
+    """The config `train.py` would run with these overrides, composed in-process (no Hydra run)."""
+    import os
+
+    from hydra import compose, initialize_config_dir
+
+    import capsnet.cli.schema  # noqa: F401  (registers the schema)
+
+    os.environ.setdefault("CAPSNET_EXPERIMENTS", str(EXPERIMENTS))
+    with initialize_config_dir(str(CONFIGS), version_base="1.3"):
+        return compose(config_name, overrides=list(overrides))
+
 
 def build_data(cfg: DictConfig):
     """The data source (`capsnet.data.source.ImageDataset`), its validation hold-out chosen by the run's seed."""
