@@ -46,6 +46,13 @@ def test_every_experiment_preset_composes_and_instantiates(name):
     instantiate_all(cfg, tiny=False)
 
 
+@pytest.mark.parametrize("name", group_options(EXPERIMENTS, "experiment"))
+def test_the_quick_mixin_shrinks_every_preset(name):
+    full, quick = compose_cfg([f"experiment={name}"]), compose_cfg([f"experiment={name}", "quick=on"])
+    assert quick.trainer.epochs == 1 and quick.dataset.train_subset == 1500
+    assert full.model == quick.model and full.routing == quick.routing  # the same runs, only smaller
+
+
 @pytest.mark.parametrize("name", group_options(EXPERIMENTS, "variant"))
 def test_every_variant_composes_and_instantiates(name):
     cfg = compose_cfg(["experiment=table1", f"variant={name}"])
