@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Optional
+from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
@@ -65,6 +65,7 @@ class TrainerSchema:
     dist_timeout_s: float = 600.0  # collectives wait at most this long for a dead peer
     monitor: str = "test/accuracy"  # "<eval set>/<value>" that picks best.pt (e.g. val/accuracy with dataset.val_size)
     monitor_mode: MonitorMode = MonitorMode.auto  # auto: lower is better for *error and *loss, else higher
+    stop_at: Optional[float] = None  # stop once the monitored value reaches this (e.g. affNIST's matched accuracy)
 
 
 @dataclass
@@ -79,11 +80,26 @@ class DynamicRoutingSchema:
 
 
 @dataclass
-class OptimSchema:
+class AdamSchema:
+    """configs/optim/adam.yaml's schema (each optim option brings its own, as routing options do)."""
+
     lr: float = 1e-3
     weight_decay: float = 0.0
     decay_rate: float = 0.96
     decay_steps: int = 2000
+    optimizer: Any = None
+    scheduler: Any = None
+
+
+@dataclass
+class SGDMultiStepSchema:
+    """configs/optim/sgd_multistep.yaml's schema."""
+
+    lr: float = 0.1
+    weight_decay: float = 5e-4
+    momentum: float = 0.9
+    gamma: float = 0.1
+    milestones: List[int] = field(default_factory=list)
     optimizer: Any = None
     scheduler: Any = None
 
@@ -98,12 +114,14 @@ class TrainSchema:
     metrics: Any = None
     dataset: Any = None
     routing: Any = None
-    optim: OptimSchema = field(default_factory=OptimSchema)
+    optim: Any = None
     trainer: TrainerSchema = field(default_factory=TrainerSchema)
 
 
 ConfigStore.instance().store(name="schema", node=TrainSchema)
 ConfigStore.instance().store(group="routing", name="dynamic_schema", node=DynamicRoutingSchema)
+ConfigStore.instance().store(group="optim", name="adam_schema", node=AdamSchema)
+ConfigStore.instance().store(group="optim", name="sgd_multistep_schema", node=SGDMultiStepSchema)
 
 # (path, test, what is allowed): checked before any work starts.
 RANGES = [
@@ -121,6 +139,8 @@ RANGES = [
     ("optim.weight_decay", lambda v: v >= 0, "a number >= 0"),
     ("optim.decay_rate", lambda v: 0 < v <= 1, "a number in (0, 1]"),
     ("optim.decay_steps", lambda v: v >= 1, "a whole number >= 1"),
+    ("optim.momentum", lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    ("optim.gamma", lambda v: 0 < v <= 1, "a number in (0, 1]"),
     ("dataset.train_subset", lambda v: v is None or v >= 1, "null or a whole number >= 1"),
     ("dataset.test_subset", lambda v: v is None or v >= 1, "null or a whole number >= 1"),
     ("dataset.val_size", lambda v: v >= 0, "a whole number >= 0"),

@@ -132,9 +132,10 @@ class ImageDataset:
         return RawSplit(images, labels, info)
 
     def _train_and_val(self):
-        images, labels, _ = self._raw("train")
+        """(indices kept for training, indices held out) of the training split; (None, None) without val_size."""
         if not self.val_size:
-            return torch.arange(len(labels)), None
+            return None, None
+        images, labels, _ = self._raw("train")
         if self.val_size >= len(labels):
             raise DatasetError(f"dataset.val_size={self.val_size} leaves no training image of the "
                                f"{len(labels)}: use fewer")
@@ -152,9 +153,19 @@ class ImageDataset:
         return self._cache["split:train"]
 
     def evals(self) -> dict:
-        """The evaluation sets by name: "val" (if held out), "test", then the extra ones."""
-        if "splits:evals" in self._cache:
-            return self._cache["splits:evals"]
+        """The evaluation sets by name: "val" (if held out), "test", then the extra ones; checked to agree
+        with the training split in input shape and classes."""
+        if "splits:evals" not in self._cache:
+            sets = self.own_evals()
+            for name, other in self.extra_evals.items():
+                sets[name] = other.own_evals()["test"]
+                sets[name].name = name
+            self._check_agree(sets)
+            self._cache["splits:evals"] = sets
+        return self._cache["splits:evals"]
+
+    def own_evals(self) -> dict:
+        """"val" (if held out) and "test" of this dataset's own files."""
         sets = {}
         _, val = self._train_and_val()
         if val is not None:
@@ -162,11 +173,6 @@ class ImageDataset:
             sets["val"] = Split("val", images[val], labels[val], transforms=self.eval_transforms)
         test = self._raw("test")
         sets["test"] = Split("test", test.images, test.labels, transforms=self.eval_transforms)
-        for name, other in self.extra_evals.items():
-            sets[name] = other.evals()["test"]
-            sets[name].name = name
-        self._check_agree(sets)
-        self._cache["splits:evals"] = sets
         return sets
 
     def _check_agree(self, sets: dict) -> None:

@@ -47,6 +47,7 @@ class _TopNMetric:
     def __init__(self, name: str | None = None, error_name: str | None = None):
         self.name = name or self.name
         self.error_name = error_name or self.error_name
+        self.names = (self.name, self.error_name) if self.error_name else (self.name,)
 
     def value(self, hits: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

@@ -14,18 +14,30 @@ class PrimaryCapsules(nn.Module):
     """A convolution whose channels are read as `capsules` types of `capsule_dim`-D vectors.
 
     MNIST: 256 -> 32 x 8 channels, 9x9 stride 2, giving 32 x 6 x 6 = 1152
-    capsules of 8D, each squashed (paper section 4).
+    capsules of 8D, each squashed (paper section 4). `padding="same"` is
+    TensorFlow's SAME (ceil(H / stride) outputs, the odd pixel of padding at
+    the bottom and right), as the official code uses on CIFAR-10.
     """
 
     def __init__(self, in_channels: int, capsules: int = 32, capsule_dim: int = 8,
-                 kernel_size: int = 9, stride: int = 2, squash: str | None = "paper"):
+                 kernel_size: int = 9, stride: int = 2, squash: str | None = "paper", padding: int | str = 0):
         super().__init__()
         self.capsules, self.capsule_dim = capsules, capsule_dim
-        self.conv = nn.Conv2d(in_channels, capsules * capsule_dim, kernel_size, stride)
+        self.same = padding == "same"
+        self.conv = nn.Conv2d(in_channels, capsules * capsule_dim, kernel_size, stride,
+                              padding=0 if self.same else padding)
         self.squash = get_squash(squash) if squash else None
 
+    def _pad_same(self, x: torch.Tensor) -> torch.Tensor:
+        (k, _), (s, _) = self.conv.kernel_size, self.conv.stride
+        pads = []
+        for size in (x.shape[-1], x.shape[-2]):
+            total = max((-(-size // s) - 1) * s + k - size, 0)
+            pads += [total // 2, total - total // 2]
+        return torch.nn.functional.pad(x, pads)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.conv(x)
+        y = self.conv(self._pad_same(x) if self.same else x)
         bsz, _, h, w = y.shape
         u = y.view(bsz, self.capsules, self.capsule_dim, h, w).permute(0, 1, 3, 4, 2)
         u = u.reshape(bsz, self.capsules * h * w, self.capsule_dim)

@@ -152,7 +152,7 @@ class Run:
                 "model": self.cfg.get("model_name"), "dataset": self.data.name,
                 "routing": OmegaConf.select(self.cfg, "routing._target_", default=None) if routing else None,
                 "routing_iters": OmegaConf.select(self.cfg, "routing.iters", default=None) if routing else None,
-                "seed": self.cfg.seed, "overrides": self.overrides}
+                "seed": self.cfg.seed, "stopped_at_threshold": self.reached_stop_at(), "overrides": self.overrides}
 
     def hparams(self) -> dict:
         """What defines the run, for TensorBoard's HParams view (scalars only)."""
@@ -170,6 +170,14 @@ class Run:
                 f"({sizes}), {self.device}{f' x {self.world} processes' if self.world > 1 else ''}, "
                 f"amp {self.t.amp}; run directory {self.out_dir}"
                 f"{f'; resumed at epoch {self.state.epoch + 1}, step {self.state.step}' if resumed else ''}")
+
+    def reached_stop_at(self) -> bool:
+        """trainer.stop_at: the last epoch's monitored value is at least as good as the threshold."""
+        if self.t.stop_at is None or not self.history:
+            return False
+        value = self.history[-1][self.t.monitor]
+        return value == self.t.stop_at or monitor_is_better(self.t.monitor_mode, self.t.monitor, value,
+                                                             self.t.stop_at)
 
     # --- the loop ----------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -193,7 +201,7 @@ class Run:
             hooks = LoopHooks(self.autocast, self.save, stop, tb, t.log_every, t.ckpt_every_steps,
                               t.on_nonfinite, t.progress and self.main, total_steps)
             try:
-                while self.state.epoch < t.epochs:
+                while self.state.epoch < t.epochs and not self.reached_stop_at():
                     self._one_epoch(wrapped, hooks, tb, fixed)
             except StopRequested:
                 signame = signal.Signals(stop.received).name

@@ -18,21 +18,12 @@ splits come back in one vectorised reshape, without a loop over images.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import NamedTuple
-
 import torch
 
+from capsnet.data.source import RawSplit  # noqa: F401  (the readers' return type)
 from capsnet.errors import DatasetError
 
 SPLITS = ("train", "test")
-
-
-class RawSplit(NamedTuple):
-    """One split as stored: pixels untouched, labels already 0-based."""
-
-    images: torch.Tensor  # uint8 [N, C, H, W]
-    labels: torch.Tensor  # int64 [N]
-    info: dict  # extra per-image int64 tensors [N] by name (may be empty)
 
 
 def check_split(name: str, split: str) -> str:
