@@ -24,6 +24,25 @@ TINY_CAPSNET = ["model.features.channels=[8]", "model.primary.capsules=2", "mode
                 "model.class_caps.out_dim=4", "model.decoder.hidden=[16]"]
 
 
+# Settings that make a run quiet and offline; tests add their own sizes.
+FAST = ["trainer.progress=false", "dataset.download=false", "trainer.batch_size=32", *TINY_CAPSNET]
+
+
+def weights(out_dir: Path) -> dict:
+    """The model state of a run's last checkpoint."""
+    from capsnet.train.checkpoint import load_checkpoint
+
+    return load_checkpoint(out_dir / "checkpoints" / "last.pt")["model"]
+
+
+def assert_same_weights(a: dict, b: dict, **tol) -> None:
+    """Equal state dicts (bit for bit unless a tolerance is given), naming the first differing tensor."""
+    tol = tol or {"rtol": 0, "atol": 0}
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], **tol, msg=lambda m: f"{k}: {m}")
+
+
 def write_idx_images(path: Path, images: torch.Tensor) -> None:
     """uint8 [N, H, W] -> an IDX3 file (magic 0x00000803, big-endian sizes)."""
     n, h, w = images.shape

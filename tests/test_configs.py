@@ -1,10 +1,8 @@
 """Every config composes and instantiates; a wrong key fails; `_target_`s stay inside trusted packages."""
 
-import contextlib
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from hydra.utils import instantiate
 

@@ -10,9 +10,7 @@ import pytest
 import torch
 
 from capsnet.train.checkpoint import load_checkpoint
-from helpers import ROOT, TINY_CAPSNET, compose_cfg, run_train
-
-FAST = ["trainer.progress=false", "dataset.download=false", "trainer.batch_size=32", *TINY_CAPSNET]
+from helpers import FAST, ROOT, assert_same_weights, compose_cfg, run_train, weights
 
 
 def fit(data_root, out_dir, *overrides):
@@ -20,16 +18,6 @@ def fit(data_root, out_dir, *overrides):
 
     cfg = compose_cfg([f"dataset.root={data_root}", f"out_dir={out_dir}", *FAST, *overrides])
     return Run(cfg).fit()
-
-
-def weights(out_dir):
-    return load_checkpoint(out_dir / "checkpoints" / "last.pt")["model"]
-
-
-def assert_same_weights(a, b, **tol):
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], **tol, msg=lambda m: f"{k}: {m}")
 
 
 def test_bf16_autocast_on_cpu_trains_like_fp32(tiny_data, tmp_path):

@@ -8,23 +8,10 @@ import sys
 import textwrap
 import time
 
-import pytest
 import torch
 
 from capsnet.train.checkpoint import load_checkpoint
-from helpers import ROOT, TINY_CAPSNET, run_train, run_train_signalled
-
-FAST = ["trainer.progress=false", "dataset.download=false", "trainer.batch_size=32", *TINY_CAPSNET]
-
-
-def weights(out_dir):
-    return load_checkpoint(out_dir / "checkpoints" / "last.pt")["model"]
-
-
-def assert_same_weights(a, b):
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=lambda m: f"{k}: {m}")
+from helpers import FAST, ROOT, assert_same_weights, run_train, run_train_signalled, weights
 
 
 def wait_for(predicate, timeout=120.0):

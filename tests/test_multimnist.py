@@ -324,7 +324,7 @@ def test_sigmoid_cross_entropy_matches_a_hand_computation(scale):
     labels[torch.arange(4), torch.tensor([0, 3, 5, 9])] = 1.0
     labels[torch.arange(4), torch.tensor([1, 2, 6, 8])] = 1.0
     loss = SigmoidCrossEntropyLoss(target_scale=scale)(ModelOutput(scores=scores), Batch(None, labels))
-    expected = grad = 0.0
+    expected = 0.0
     for s, t in zip(scores.tolist(), labels.tolist()):
         for x, y in zip(s, t):
             p, y = 1 / (1 + math.exp(-x)), y * scale

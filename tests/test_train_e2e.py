@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from helpers import TINY_CAPSNET, event_tags, run_train
+from helpers import event_tags, run_train
 
 EPOCH_KEYS = {"epoch", "step", "train/margin_loss", "train/recon_loss", "train/loss", "train/accuracy",
               "test/accuracy", "test/error", "test/loss", "lr", "seconds", "train/images_per_second"}

@@ -8,7 +8,6 @@ element-wise loss over batch and classes, as here, and feeds it `labels / 2`:
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 from torch.nn import functional as F
 

@@ -18,7 +18,6 @@ splits come back in one vectorised reshape, without a loop over images.
 from __future__ import annotations
 
 from pathlib import Path
-import torch
 
 from capsnet.data.source import RawSplit  # noqa: F401  (the readers' return type)
 from capsnet.errors import DatasetError
