@@ -14,15 +14,15 @@ setup: $(STAMP)  ## create .venv and install capsnet with its dependencies (idem
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
-	$(PY) -m pip install --quiet -e '.[dev]' 2>&1 | grep -v "^WARNING: Location" || true
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
 	$(PY) -c "import capsnet, torch, hydra"
 	touch $(STAMP)
 
 train: setup  ## the paper's MNIST CapsNet, 3 routing iterations (ARGS='key=value ...' adds overrides)
 	$(PY) train.py model=capsnet dataset=mnist routing.iters=3 $(ARGS)
 
-test: setup  ## the fast test suite (a few minutes on 2 CPU cores)
+test: setup  ## the fast test suite (about 4 minutes on 2 CPU cores)
 	$(TEST_ENV) $(PY) -m pytest -m "not slow" $(ARGS)
 
 test-all: setup  ## every test, the slow end-to-end ones included
