@@ -94,6 +94,7 @@ def test_every_target_names_a_trusted_package():
     assert len(targets) > 10
     for f, t in targets:
         assert t.startswith(TRUSTED_TARGET_PREFIXES), f"{f}: _target_ {t}"
-    dataset_classes = [yaml.safe_load(f.read_text()).get("dataset", "torchvision.datasets.")
-                       for f in (CONFIGS / "dataset").glob("*.yaml")]
-    assert all(c.startswith("torchvision.datasets.") for c in dataset_classes)
+    nodes = [yaml.safe_load(f.read_text()) for f in (CONFIGS / "dataset").glob("*.yaml")]
+    nodes = [n["dataset"] if isinstance(n.get("dataset"), dict) else n for n in nodes]  # @package _global_ files
+    dataset_classes = [n["dataset"] for n in nodes if "dataset" in n]
+    assert dataset_classes and all(c.startswith("torchvision.datasets.") for c in dataset_classes)
