@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from hydra import compose, initialize_config_dir
@@ -84,6 +85,27 @@ def run_train(args, env_extra=None, timeout=600, cwd=ROOT) -> subprocess.Complet
         args.insert(0, f"hydra.run.dir={out[0] if out else tempfile.mkdtemp(prefix='capsnet-test-')}")
     return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+class CliResult(NamedTuple):
+    returncode: int
+    stderr: str
+
+
+def train_in_process(args, capsys) -> CliResult:
+    """What `python train.py ARGS` does, without a new interpreter: the preflight check of the overrides,
+    then the guarded run (errors: one stderr line, exit status 2). Needs `out_dir=` (no Hydra job runs)."""
+    from capsnet.cli.errors import guarded, preflight
+    from capsnet.train.run import train
+
+    capsys.readouterr()
+    code = 0
+    try:
+        preflight(list(args), CONFIGS)
+        guarded(train)(compose_cfg([a for a in args if not a.startswith("hydra.")]))
+    except SystemExit as e:
+        code = e.code
+    return CliResult(code, capsys.readouterr().err)
 
 
 # Runs train.py and sends itself `signal` right after its `step`-th optimiser step: a fault that lands

@@ -7,9 +7,15 @@ import pytest
 import torch
 
 from capsnet.train.checkpoint import save_checkpoint
-from helpers import TINY_CAPSNET, make_mnist, run_train
+from helpers import TINY_CAPSNET, make_mnist, run_train, train_in_process
 
 FAST = ["trainer.progress=false", "dataset.download=false", "trainer.epochs=1", *TINY_CAPSNET]
+
+
+@pytest.fixture
+def train(capsys):
+    """`python train.py ARGS` in this process (most tests here); run_train starts a real one."""
+    return lambda args, **kw: train_in_process(args, capsys)
 
 
 def refused(proc, *fragments):
@@ -36,8 +42,8 @@ def refused(proc, *fragments):
     ("optim.lr=-1e-3", ["optim.lr", "> 0"]),
     ("model=capsnett", ["model/capsnett", "capsnet_small"]),
 ])
-def test_bad_config_values_are_refused_in_one_line(override, fragments, tmp_path):
-    refused(run_train([override, f"out_dir={tmp_path}"]), *fragments)
+def test_bad_config_values_are_refused_in_one_line(override, fragments, tmp_path, train):
+    refused(train([override, f"out_dir={tmp_path}"]), *fragments)
 
 
 def test_a_bad_value_inside_a_sweep_is_refused_before_any_run(tmp_path):
@@ -46,77 +52,78 @@ def test_a_bad_value_inside_a_sweep_is_refused_before_any_run(tmp_path):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
-def test_cuda_without_a_gpu_is_refused(tmp_path):
-    refused(run_train(["trainer.device=cuda", f"out_dir={tmp_path}"]), "no CUDA GPU", "trainer.device=cpu")
+def test_cuda_without_a_gpu_is_refused(tmp_path, train):
+    refused(train(["trainer.device=cuda", f"out_dir={tmp_path}"]), "no CUDA GPU", "trainer.device=cpu")
 
 
-def test_subset_larger_than_the_dataset_is_refused(tiny_data, tmp_path):
-    refused(run_train([f"dataset.root={tiny_data}", "dataset.train_subset=100000", f"out_dir={tmp_path}", *FAST]),
+def test_subset_larger_than_the_dataset_is_refused(tiny_data, tmp_path, train):
+    refused(train([f"dataset.root={tiny_data}", "dataset.train_subset=100000", f"out_dir={tmp_path}", *FAST]),
             "dataset.train_subset=100000", "256 train images")
 
 
 # --- data -------------------------------------------------------------------------------------
 
-def test_missing_dataset_offline_names_folder_files_and_fix(tmp_path):
-    line = refused(run_train([f"dataset.root={tmp_path / 'nothing'}", f"out_dir={tmp_path / 'run'}", *FAST]),
+def test_missing_dataset_offline_names_folder_files_and_fix(tmp_path, train):
+    line = refused(train([f"dataset.root={tmp_path / 'nothing'}", f"out_dir={tmp_path / 'run'}", *FAST]),
                    str(tmp_path / "nothing" / "MNIST" / "raw"), "train-images-idx3-ubyte", "dataset.root")
     assert "CAPSNET_DATA" in line
 
 
-def test_empty_dataset_folder_with_failing_download_is_one_line(tmp_path, monkeypatch):
+def test_empty_dataset_folder_with_failing_download_is_one_line(tmp_path, monkeypatch, train):
     (tmp_path / "data" / "MNIST" / "raw").mkdir(parents=True)
     args = [f"dataset.root={tmp_path / 'data'}", f"out_dir={tmp_path / 'run'}", *FAST, "dataset.download=true"]
     # no network here, or none allowed: point torchvision's mirrors at a closed local port
-    env = {"http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9"}
-    refused(run_train(args, env_extra=env), "the download failed", "copy the files there")
+    for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")
+    refused(train(args), "the download failed", "copy the files there")
 
 
 def _corrupt(root, name, data: bytes):
     (root / "MNIST" / "raw" / name).write_bytes(data)
 
 
-def test_truncated_idx_file_is_refused(tiny_data, tmp_path):
+def test_truncated_idx_file_is_refused(tiny_data, tmp_path, train):
     path = tiny_data / "MNIST" / "raw" / "train-images-idx3-ubyte"
     path.write_bytes(path.read_bytes()[:5000])
-    refused(run_train([f"dataset.root={tiny_data}", f"out_dir={tmp_path}", *FAST]),
+    refused(train([f"dataset.root={tiny_data}", f"out_dir={tmp_path}", *FAST]),
             "MNIST", "download again")
 
 
-def test_idx_file_with_a_wrong_magic_number_is_refused(tiny_data, tmp_path):
+def test_idx_file_with_a_wrong_magic_number_is_refused(tiny_data, tmp_path, train):
     _corrupt(tiny_data, "t10k-labels-idx1-ubyte", struct.pack(">II", 0x0BAD, 64) + bytes(64))
-    refused(run_train([f"dataset.root={tiny_data}", f"out_dir={tmp_path}", *FAST]), "malformed", "download again")
+    refused(train([f"dataset.root={tiny_data}", f"out_dir={tmp_path}", *FAST]), "malformed", "download again")
 
 
-def test_images_and_labels_of_different_counts_are_refused(tmp_path):
+def test_images_and_labels_of_different_counts_are_refused(tmp_path, train):
     root = make_mnist(tmp_path / "a", n_train=256)
     other = make_mnist(tmp_path / "b", n_train=200)
     os.replace(other / "MNIST" / "raw" / "train-labels-idx1-ubyte", root / "MNIST" / "raw" / "train-labels-idx1-ubyte")
-    refused(run_train([f"dataset.root={root}", f"out_dir={tmp_path / 'run'}", *FAST]),
+    refused(train([f"dataset.root={root}", f"out_dir={tmp_path / 'run'}", *FAST]),
             "256 images but 200 labels")
 
 
-def test_label_outside_the_classes_is_refused(tiny_data, tmp_path):
+def test_label_outside_the_classes_is_refused(tiny_data, tmp_path, train):
     raw = tiny_data / "MNIST" / "raw" / "train-labels-idx1-ubyte"
     data = bytearray(raw.read_bytes())
     data[8 + 17] = 12
     raw.write_bytes(bytes(data))
-    refused(run_train([f"dataset.root={tiny_data}", f"out_dir={tmp_path}", *FAST]), "label 12", "0..9")
+    refused(train([f"dataset.root={tiny_data}", f"out_dir={tmp_path}", *FAST]), "label 12", "0..9")
 
 
 # --- checkpoints ------------------------------------------------------------------------------
 
-def resume_from(tiny_data, tmp_path, ckpt, *extra):
-    return run_train([f"dataset.root={tiny_data}", f"out_dir={tmp_path / 'run'}", *FAST,
+def resume_from(train, tiny_data, tmp_path, ckpt, *extra):
+    return train([f"dataset.root={tiny_data}", f"out_dir={tmp_path / 'run'}", *FAST,
                       f"trainer.resume={ckpt}", *extra])
 
 
-def test_a_file_that_is_not_a_checkpoint_is_refused(tiny_data, tmp_path):
+def test_a_file_that_is_not_a_checkpoint_is_refused(tiny_data, tmp_path, train):
     junk = tmp_path / "junk.pt"
     junk.write_bytes(os.urandom(2048))
-    refused(resume_from(tiny_data, tmp_path, junk), str(junk), "not a readable PyTorch checkpoint")
+    refused(resume_from(train, tiny_data, tmp_path, junk), str(junk), "not a readable PyTorch checkpoint")
     other = tmp_path / "other.pt"
     torch.save({"weights": torch.zeros(3)}, other)
-    refused(resume_from(tiny_data, tmp_path, other), "not a capsnet checkpoint")
+    refused(resume_from(train, tiny_data, tmp_path, other), "not a capsnet checkpoint")
 
 
 def _capsnet_state(overrides, num_classes=10):
@@ -128,16 +135,16 @@ def _capsnet_state(overrides, num_classes=10):
     return {"model": model.state_dict()}
 
 
-def test_a_checkpoint_of_another_model_names_the_first_mismatch(tiny_data, tmp_path):
+def test_a_checkpoint_of_another_model_names_the_first_mismatch(tiny_data, tmp_path, train):
     ckpt = tmp_path / "wide.pt"
     save_checkpoint(_capsnet_state([*TINY_CAPSNET, "model.features.channels=[12]"]), ckpt)
-    refused(resume_from(tiny_data, tmp_path, ckpt), "another model", "'features.0.weight'", "(12, 1, 9, 9)")
+    refused(resume_from(train, tiny_data, tmp_path, ckpt), "another model", "'features.0.weight'", "(12, 1, 9, 9)")
 
 
-def test_a_checkpoint_with_another_number_of_classes_is_refused(tiny_data, tmp_path):
+def test_a_checkpoint_with_another_number_of_classes_is_refused(tiny_data, tmp_path, train):
     ckpt = tmp_path / "five.pt"
     save_checkpoint(_capsnet_state(TINY_CAPSNET, num_classes=5), ckpt)
-    refused(resume_from(tiny_data, tmp_path, ckpt), "another model", "class_caps.weight")
+    refused(resume_from(train, tiny_data, tmp_path, ckpt), "another model", "class_caps.weight")
 
 
 class _Payload:
@@ -148,20 +155,20 @@ class _Payload:
         return (open, (self.marker, "w"))  # would create the marker file when unpickled
 
 
-def test_a_checkpoint_carrying_code_is_refused_and_the_code_never_runs(tiny_data, tmp_path):
+def test_a_checkpoint_carrying_code_is_refused_and_the_code_never_runs(tiny_data, tmp_path, train):
     marker = tmp_path / "pwned"
     ckpt = tmp_path / "evil.pt"
     torch.save({"model": {}, "payload": _Payload(str(marker))}, ckpt)
-    refused(resume_from(tiny_data, tmp_path, ckpt), "refused unread", str(ckpt))
+    refused(resume_from(train, tiny_data, tmp_path, ckpt), "refused unread", str(ckpt))
     assert not marker.exists()
 
 
 # --- output -----------------------------------------------------------------------------------
 
-def test_an_unwritable_out_dir_is_refused(tiny_data, tmp_path):
+def test_an_unwritable_out_dir_is_refused(tiny_data, tmp_path, train):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
-    refused(run_train([f"hydra.run.dir={tmp_path / 'hydra'}", f"dataset.root={tiny_data}",
+    refused(train([f"hydra.run.dir={tmp_path / 'hydra'}", f"dataset.root={tiny_data}",
                        f"out_dir={blocker / 'run'}", *FAST]), "cannot write the run directory", "out_dir=")
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from capsnet.train.checkpoint import load_checkpoint
-from helpers import FAST, ROOT, assert_same_weights, compose_cfg, run_train, weights
+from helpers import FAST, ROOT, assert_same_weights, compose_cfg, run_train, train_in_process, weights
 
 
 def fit(data_root, out_dir, *overrides):
@@ -28,9 +28,9 @@ def test_bf16_autocast_on_cpu_trains_like_fp32(tiny_data, tmp_path):
     assert fp32["final"]["test/accuracy"] >= 90 and bf16["final"]["test/accuracy"] >= 90, (fp32, bf16)
 
 
-def test_fp16_on_cpu_is_refused_in_one_line(tiny_data, tmp_path):
-    proc = run_train([f"dataset.root={tiny_data}", f"out_dir={tmp_path}", "trainer.device=cpu",
-                      "trainer.amp=fp16", *FAST])
+def test_fp16_on_cpu_is_refused_in_one_line(tiny_data, tmp_path, capsys):
+    proc = train_in_process([f"dataset.root={tiny_data}", f"out_dir={tmp_path}", "trainer.device=cpu",
+                             "trainer.amp=fp16", *FAST], capsys)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "capsnet: error: trainer.amp=fp16 needs a CUDA GPU: use trainer.amp=bf16 on CPU, or off"]

@@ -11,7 +11,7 @@ import time
 import torch
 
 from capsnet.train.checkpoint import load_checkpoint
-from helpers import FAST, ROOT, assert_same_weights, run_train, run_train_signalled, weights
+from helpers import FAST, ROOT, assert_same_weights, run_train, run_train_signalled, train_in_process, weights
 
 
 def wait_for(predicate, timeout=120.0):
@@ -74,12 +74,12 @@ def test_sigterm_saves_at_a_step_boundary_and_the_rerun_finishes_identically(tin
     assert_same_weights(weights(tmp_path / "whole"), weights(out))
 
 
-def test_a_non_finite_loss_stops_in_one_line_and_keeps_the_last_good_checkpoint(tiny_data, tmp_path):
+def test_a_non_finite_loss_stops_in_one_line_and_keeps_the_last_good_checkpoint(tiny_data, tmp_path, capsys):
     base = [f"dataset.root={tiny_data}", *FAST, f"out_dir={tmp_path}"]
-    assert run_train([*base, "trainer.epochs=1"]).returncode == 0
+    assert train_in_process([*base, "trainer.epochs=1"], capsys).returncode == 0
     good = weights(tmp_path)
     # a reconstruction weight beyond float32's range turns the loss infinite at the first step of epoch 2
-    proc = run_train([*base, "trainer.epochs=2", "loss.recon_weight=1e39", "trainer.log_every=1"])
+    proc = train_in_process([*base, "trainer.epochs=2", "loss.recon_weight=1e39", "trainer.log_every=1"], capsys)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
     assert "NaN or infinite at step 9" in lines[0] and "trainer.on_nonfinite=skip" in lines[0]
@@ -87,9 +87,9 @@ def test_a_non_finite_loss_stops_in_one_line_and_keeps_the_last_good_checkpoint(
     assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["loop"]["epoch"] == 1
 
 
-def test_on_nonfinite_skip_skips_and_counts_the_steps(tiny_data, tmp_path):
-    proc = run_train([f"dataset.root={tiny_data}", *FAST, f"out_dir={tmp_path}", "trainer.epochs=1",
-                      "loss.recon_weight=1e39", "trainer.on_nonfinite=skip"])
+def test_on_nonfinite_skip_skips_and_counts_the_steps(tiny_data, tmp_path, capsys):
+    proc = train_in_process([f"dataset.root={tiny_data}", *FAST, f"out_dir={tmp_path}", "trainer.epochs=1",
+                             "loss.recon_weight=1e39", "trainer.on_nonfinite=skip"], capsys)
     assert proc.returncode == 0, proc.stderr[-2000:]
     record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
     assert record["skipped_steps"] == 256 // 32 and record["step"] == 0
