@@ -178,3 +178,62 @@ def test_an_unwritable_hydra_run_directory_is_refused_before_hydra_starts(tiny_d
     refused(run_train([f"hydra.run.dir={blocker / 'run'}", f"dataset.root={tiny_data}", *FAST]),
             "cannot create the run directory", "hydra.run.dir=")
     refused(run_train(["-m", f"hydra.sweep.dir={blocker / 'sweep'}", "seed=0,1"]), "hydra.sweep.dir=")
+
+
+# --- checkpoint files themselves --------------------------------------------------------------
+
+def test_a_full_disk_keeps_the_previous_checkpoint_and_says_so(tmp_path, monkeypatch):
+    import errno
+
+    from capsnet.errors import CheckpointError
+    from capsnet.train.checkpoint import load_checkpoint
+
+    path = tmp_path / "last.pt"
+    save_checkpoint({"model": {"w": torch.ones(3)}}, path)
+
+    def full(obj, f, *a, **k):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(CheckpointError) as err:
+        save_checkpoint({"model": {"w": torch.zeros(3)}}, path)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("no space left on /") and "intact" in message
+    monkeypatch.undo()
+    assert torch.equal(load_checkpoint(path)["model"]["w"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary left behind
+
+
+def test_only_the_saves_own_temporaries_are_removed(tmp_path):
+    from capsnet.train.checkpoint import remove_stale_temporaries
+
+    for name in (".last.pt.abc123.tmp", ".best.pt.x.tmp", "notes.tmp", ".mine.tmp"):
+        (tmp_path / name).write_text("x")
+    remove_stale_temporaries(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".mine.tmp", "notes.tmp"]
+
+
+@pytest.mark.parametrize("state, fragment", [
+    ({"model": {"features.0.weight": [1, 2, 3]}}, "not a tensor"),
+    ({"model": "weights"}, "not a state dict"),
+])
+def test_checkpoint_entries_that_are_not_tensors_are_refused(state, fragment, tmp_path):
+    from capsnet.errors import CheckpointError
+    from capsnet.train.checkpoint import load_model_state
+
+    model = torch.nn.Module()
+    model.features = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3))
+    with pytest.raises(CheckpointError, match=fragment):
+        load_model_state(model, state["model"], "ckpt.pt")
+
+
+def test_another_pickle_protocol_is_named_as_such(tmp_path):
+    from capsnet.errors import CheckpointError
+    from capsnet.train.checkpoint import load_checkpoint
+
+    path = tmp_path / "p4.pt"
+    torch.save({"model": {"w": torch.zeros(2)}}, path, pickle_protocol=4)
+    with pytest.warns(UserWarning), pytest.raises(CheckpointError, match="pickle protocol") as err:
+        load_checkpoint(path)
+    assert "unsafe" not in str(err.value)
