@@ -79,10 +79,9 @@ def run_train(args, env_extra=None, timeout=600, cwd=ROOT) -> subprocess.Complet
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env_extra or {})}
     env.pop("HYDRA_FULL_ERROR", None)
     args = list(args)
-    if "-m" not in args and not any(a.startswith("hydra.run.dir=") for a in args):
-        out = [a.split("=", 1)[1] for a in args if a.startswith("out_dir=")]
-        # Hydra makes its own run folder even when out_dir is set: keep it out of the repository
-        args.insert(0, f"hydra.run.dir={out[0] if out else tempfile.mkdtemp(prefix='capsnet-test-')}")
+    if "-m" not in args and not any(a.startswith(("hydra.run.dir=", "out_dir=")) for a in args):
+        # keep Hydra's run folder (out_dir when given) out of the repository
+        args.insert(0, f"hydra.run.dir={tempfile.mkdtemp(prefix='capsnet-test-')}")
     return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
 

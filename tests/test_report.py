@@ -75,7 +75,21 @@ def test_unfinished_and_failed_runs_are_listed_not_dropped(sweep, tmp_path):
     proc = run_report(copy)
     assert proc.returncode == 0, proc.stderr
     assert "did not finish" in proc.stdout
-    assert f"`{copy / '0'}`: unfinished (2 epochs)" in proc.stdout and f"`{copy / '1'}`: failed" in proc.stdout
+    assert f"`{copy / '0'}`: stopped, resumable (2 epochs done" in proc.stdout
+    assert f"`{copy / '1'}`: failed (0 epochs, no checkpoint)" in proc.stdout
+
+
+def test_a_run_made_with_out_dir_is_found_and_the_report_may_go_to_a_new_folder(tmp_path, tiny_data):
+    from helpers import TINY_CAPSNET
+
+    proc = run_train([f"out_dir={tmp_path / 'mine'}", f"dataset.root={tiny_data}", "dataset.download=false",
+                      "trainer.epochs=1", "trainer.progress=false", "dataset.train_subset=32", *TINY_CAPSNET])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = subprocess.run([sys.executable, "-m", "capsnet.tools.report", str(tmp_path), "--out",
+                             str(tmp_path / "new" / "folder")], capture_output=True, text=True, timeout=120)
+    assert report.returncode == 0, report.stderr
+    assert "did not finish" not in report.stdout and "| 1 |" in report.stdout
+    assert (tmp_path / "new" / "folder" / "summary.md").is_file()
 
 
 def test_each_run_logs_hparams_for_tensorboard(sweep):

@@ -14,7 +14,7 @@ from enum import Enum
 from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from capsnet.errors import CapsnetError
 
@@ -66,6 +66,8 @@ class TrainerSchema:
     monitor: str = "test/accuracy"  # "<eval set>/<value>" that picks best.pt (e.g. val/accuracy with dataset.val_size)
     monitor_mode: MonitorMode = MonitorMode.auto  # auto: lower is better for *error and *loss, else higher
     stop_at: Optional[float] = None  # stop once the monitored value reaches this (e.g. affNIST's matched accuracy)
+    steps: Optional[int] = None  # a step budget: train ceil(steps / batches per epoch) epochs, not `epochs`
+    eval_recon_with_labels: bool = False  # evaluation decodes the true label's capsule (official), not the longest
 
 
 @dataclass
@@ -119,6 +121,10 @@ class TrainSchema:
 
 
 ConfigStore.instance().store(name="schema", node=TrainSchema)
+# configs/train.yaml: Hydra's run folder is out_dir when one is given, so the run's .hydra/ record sits beside
+# its results (where capsnet.tools.report looks for it), else outputs/runs/<date>/<time>.
+OmegaConf.register_new_resolver("capsnet.or_else", lambda value, default: default if value in (None, "", "None")
+                                else value, replace=True)
 ConfigStore.instance().store(group="routing", name="dynamic_schema", node=DynamicRoutingSchema)
 ConfigStore.instance().store(group="optim", name="adam_schema", node=AdamSchema)
 ConfigStore.instance().store(group="optim", name="sgd_multistep_schema", node=SGDMultiStepSchema)
@@ -134,6 +140,7 @@ RANGES = [
     ("trainer.threads", lambda v: v is None or v >= 1, "null or a whole number >= 1"),
     ("trainer.log_every", lambda v: v >= 1, "a whole number >= 1"),
     ("trainer.ckpt_every_steps", lambda v: v is None or v >= 1, "null or a whole number >= 1"),
+    ("trainer.steps", lambda v: v is None or v >= 1, "null or a whole number >= 1"),
     ("trainer.dist_timeout_s", lambda v: v > 0, "a number of seconds > 0"),
     ("optim.lr", lambda v: v > 0, "a number > 0"),
     ("optim.weight_decay", lambda v: v >= 0, "a number >= 0"),
@@ -151,8 +158,6 @@ RANGES = [
 
 def validate(cfg: DictConfig) -> None:
     """Raise a one-line CapsnetError for the first impossible run-level value."""
-    from omegaconf import OmegaConf
-
     for path, ok, allowed in RANGES:
         if OmegaConf.select(cfg, path, default="<absent>") == "<absent>":
             continue

@@ -94,10 +94,12 @@ def read_run(job: Path) -> RunRecord:
     if (job / "results.json").is_file():
         results = json.loads((job / "results.json").read_text())
         status = "finished"
-    elif (job / "metrics.jsonl").is_file():
-        status = f"unfinished ({len((job / 'metrics.jsonl').read_text().splitlines())} epochs)"
     else:
-        status = "failed"
+        epochs = len((job / "metrics.jsonl").read_text().splitlines()) if (job / "metrics.jsonl").is_file() else 0
+        if (job / "checkpoints" / "last.pt").is_file():
+            status = f"stopped, resumable ({epochs} epochs done: rerun its command to continue)"
+        else:
+            status = f"failed ({epochs} epochs, no checkpoint)"
     return RunRecord(job, setting, results, status)
 
 
@@ -222,6 +224,7 @@ def report(folders, out_dir: Path | None = None) -> str:
     if not runs:
         raise SystemExit(f"capsnet.tools.report: no runs (no .hydra/config.yaml) under {', '.join(map(str, folders))}")
     out_dir = Path(out_dir or folders[0])
+    out_dir.mkdir(parents=True, exist_ok=True)
     columns, errors = setting_columns(runs), error_keys(runs)
     rows = table_rows(group_runs(runs, columns), columns, errors)
     text = markdown(rows, columns, errors, runs)
