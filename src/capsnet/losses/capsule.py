@@ -6,6 +6,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from capsnet.errors import CapsnetError
 from capsnet.types import Batch, ModelOutput
 
 
@@ -36,15 +37,29 @@ def reconstruction_loss(reconstructions: torch.Tensor, targets: torch.Tensor) ->
 
 
 class CapsuleLoss(nn.Module):
-    """margin + recon_weight * reconstruction (paper: 0.0005). 0 keeps the decoder but trains nothing through it."""
+    """margin_scale * margin + recon_weight * reconstruction (paper: 1 and 0.0005).
+
+    recon_weight 0 keeps the decoder but trains nothing through it. The
+    official code's margin loss is 1/20 of Eq. 4 (an extra 0.5 on both terms,
+    and a mean instead of a sum over the classes: layers.py lines 357-362 and
+    396), while its reconstruction term stays 0.0005 x the batch-mean SSE
+    (layers.py lines 466-468): `margin_scale=0.05` reproduces it, so the
+    reconstruction weighs 0.01 relative to Eq. 4 there.
+    """
 
     def __init__(self, m_plus: float = 0.9, m_minus: float = 0.1, lam: float = 0.5,
-                 recon_weight: float = 0.0005):
+                 recon_weight: float = 0.0005, margin_scale: float = 1.0):
         super().__init__()
+        if not margin_scale > 0:
+            raise CapsnetError(f"loss.margin_scale={margin_scale} is impossible: it must be a number > 0 "
+                               "(1: Eq. 4, 0.05: the official code)")
         self.m_plus, self.m_minus, self.lam, self.recon_weight = m_plus, m_minus, lam, recon_weight
+        self.margin_scale = margin_scale
 
     def forward(self, out: ModelOutput, batch: Batch) -> dict:
         margin = margin_loss(out.scores, batch.labels, self.m_plus, self.m_minus, self.lam)
+        if self.margin_scale != 1.0:
+            margin = margin * self.margin_scale
         terms = {"margin_loss": margin}
         loss = margin
         if out.reconstructions is not None:

@@ -152,17 +152,20 @@ def train_one_epoch(model, criterion, metrics: dict, loader, optimizer, schedule
 
 
 @torch.no_grad()
-def evaluate(model, criterion, metrics: dict, loader, autocast, device: torch.device, prefix: str = "test") -> dict:
+def evaluate(model, criterion, metrics: dict, loader, autocast, device: torch.device, prefix: str = "test",
+             recon_with_labels: bool = False) -> dict:
     """Losses and metrics over one whole evaluation set, each image counted once across processes.
 
-    The decoder reconstructs the longest capsule (the paper's test-time rule).
+    The decoder reconstructs the longest capsule (the paper's test-time rule), or with
+    `recon_with_labels` the true label's (the official code's: its test features carry
+    recons_label, input_data/mnist/mnist_input_record.py line 90).
     """
     model.eval()
     sums: dict = {}
     for batch in loader:
         batch = batch.to(device)
         with autocast():
-            out = model(batch.images)
+            out = model(batch.images, batch.recon_classes if recon_with_labels else None)
             terms = criterion(out, batch)
         accumulate(sums, terms, metrics, out, batch)
     return {f"{prefix}/{k}": v for k, v in summarize(all_reduce(sums, device), metrics).items()}

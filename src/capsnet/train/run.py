@@ -80,6 +80,8 @@ class Run:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=t.amp == "fp16")
         self.state, self.history, self.best = LoopState(), [], None
         self._build_loaders()
+        if t.steps is not None:  # a step budget, as the official code counts: the whole epochs that cover it
+            self.t.epochs = math.ceil(t.steps / len(self.train_loader))
 
     def _check_monitor(self) -> None:
         allowed = [f"{s}/{n}" for s in self.eval_splits for n in ("loss", *metric_names(self.metrics))]
@@ -223,7 +225,8 @@ class Run:
                                 self.scheduler, self.scaler, self.state, hooks, self.device)
         evals = {}
         for name, loader in self.eval_loaders.items():
-            evals.update(evaluate(self.model, self.criterion, self.metrics, loader, self.autocast, self.device, name))
+            evals.update(evaluate(self.model, self.criterion, self.metrics, loader, self.autocast, self.device, name,
+                                  recon_with_labels=self.t.eval_recon_with_labels))
         self.state.epoch, self.state.batch = self.state.epoch + 1, 0
         record = {"epoch": self.state.epoch, "step": self.state.step, **train, **evals,
                   "lr": self.optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - t0,
