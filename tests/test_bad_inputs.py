@@ -1,5 +1,6 @@
 """Bad input is refused before training starts, with exit status 2 and one line naming problem and fix."""
 
+import json
 import os
 import struct
 
@@ -34,7 +35,16 @@ def refused(proc, *fragments):
     ("routing.iter=3", ["unknown config key 'routing.iter'", "--cfg job"]),
     ("routing.iters=abc", ["'routing.iters'", "abc", "Integer"]),
     ("trainer.batch_size=1.5", ["'trainer.batch_size'", "1.5"]),
-    ("routing.iters=0", ["routing.iters=0", ">= 1"]),
+    ("routing.iters=0", ["routing.iters=0", "from 1 to 100"]),
+    ("routing.iters=1000000", ["routing.iters=1000000", "from 1 to 100"]),
+    ("seed=99999999999999999999", ["seed=", "[0, 10^12)"]),
+    ("dataset.shift=-1", ["dataset.shift=-1", ">= 0"]),
+    ("+trainer.epoch=3", ["unknown config key 'trainer.epoch'", "--cfg job"]),
+    ("+epochs=3", ["unknown config key 'epochs'"]),
+    ("routing.squash=foo", ["cannot build model.class_caps.routing", "unknown squash 'foo'", "paper"]),
+    ("model.decoder.hidden=[-4]", ["cannot build model", "negative dimension"]),
+    ("+model.foo=1", ["cannot build model", "unexpected keyword argument 'foo'"]),
+    ("dataset.root=${oc.env:CAPSNET_TEST_UNSET_VARIABLE}", ["cannot resolve dataset.root", "CAPSNET_TEST_UNSET_VARIABLE"]),
     ("trainer.batch_size=-8", ["trainer.batch_size=-8", ">= 1"]),
     ("trainer.amp=fp8", ["'trainer.amp'", "off, bf16, fp16"]),
     ("trainer.device=tpu", ["'trainer.device'", "auto, cpu, cuda"]),
@@ -42,8 +52,8 @@ def refused(proc, *fragments):
     ("optim.lr=-1e-3", ["optim.lr", "> 0"]),
     ("model=capsnett", ["model/capsnett", "capsnet_small"]),
 ])
-def test_bad_config_values_are_refused_in_one_line(override, fragments, tmp_path, train):
-    refused(train([override, f"out_dir={tmp_path}"]), *fragments)
+def test_bad_config_values_are_refused_in_one_line(override, fragments, tmp_path, train, tiny_data):
+    refused(train([f"dataset.root={tiny_data}", f"out_dir={tmp_path}", *FAST, override]), *fragments)
 
 
 def test_a_bad_value_inside_a_sweep_is_refused_before_any_run(tmp_path):
@@ -237,3 +247,39 @@ def test_another_pickle_protocol_is_named_as_such(tmp_path):
     with pytest.warns(UserWarning), pytest.raises(CheckpointError, match="pickle protocol") as err:
         load_checkpoint(path)
     assert "unsafe" not in str(err.value)
+
+
+# --- a run directory belongs to one run ---------------------------------------------------------
+
+def test_a_resume_never_crosses_runs(tiny_data, tmp_path, train):
+    """A sweep with a fixed out_dir: job 1 must not 'resume' job 0's finished checkpoint and report its numbers."""
+    base = [f"dataset.root={tiny_data}", f"out_dir={tmp_path}", *FAST, "dataset.train_subset=32"]
+    assert train([*base, "routing.iters=3"]).returncode == 0
+    line = refused(train([*base, "routing.iters=2"]), "belongs to another run", "routing.iters=3 there",
+                   "routing.iters=2 here", "trainer.resume=null")
+    assert str(tmp_path / "checkpoints" / "last.pt") in line
+    assert train([*base, "routing.iters=3", "trainer.epochs=2"]).returncode == 0  # the same run may go on
+
+
+def test_a_second_process_on_the_same_run_directory_is_refused(tiny_data, tmp_path, train):
+    from capsnet.train.resume import RunLock
+
+    lock = RunLock(tmp_path)  # as a live run holds it
+    try:
+        refused(train([f"dataset.root={tiny_data}", f"out_dir={tmp_path}", *FAST]), "is in use by process",
+                f"{os.getpid()}", "another out_dir")
+    finally:
+        lock.release()
+    assert train([f"dataset.root={tiny_data}", f"out_dir={tmp_path}", *FAST, "dataset.train_subset=32"]).returncode == 0
+
+
+def test_rerunning_a_finished_run_leaves_its_results(tiny_data, tmp_path, capsys):
+    args = [f"dataset.root={tiny_data}", f"out_dir={tmp_path}", *FAST, "dataset.train_subset=32"]
+    assert train_in_process(args, capsys).returncode == 0
+    before = (tmp_path / "results.json").read_text()
+    from capsnet.train.run import Run
+    from helpers import compose_cfg
+
+    again = Run(compose_cfg(args)).fit()
+    assert "already complete (1 epochs)" in capsys.readouterr().out
+    assert (tmp_path / "results.json").read_text() == before and again["final"] == json.loads(before)["final"]

@@ -9,12 +9,14 @@ dataset, loss, ...) are checked by the modules when they are built.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError
 
 from capsnet.errors import CapsnetError
 
@@ -131,8 +133,8 @@ ConfigStore.instance().store(group="optim", name="sgd_multistep_schema", node=SG
 
 # (path, test, what is allowed): checked before any work starts.
 RANGES = [
-    ("seed", lambda v: v >= 0, "a number >= 0"),
-    ("routing.iters", lambda v: v >= 1, "a whole number >= 1"),
+    ("seed", lambda v: 0 <= v < 10 ** 12, "a whole number in [0, 10^12) (it seeds generators as seed * 100003 + epoch)"),
+    ("routing.iters", lambda v: 1 <= v <= 100, "a whole number from 1 to 100 (each iteration rereads every vote)"),
     ("trainer.epochs", lambda v: v >= 1, "a whole number >= 1"),
     ("trainer.batch_size", lambda v: v >= 1, "a whole number >= 1"),
     ("trainer.eval_batch_size", lambda v: v >= 1, "a whole number >= 1"),
@@ -156,8 +158,30 @@ RANGES = [
 ]
 
 
+def _unknown_keys(cfg: DictConfig) -> list[str]:
+    """Keys that no schema declares (Hydra's `+key=value` adds them past the struct check)."""
+    from dataclasses import fields
+
+    top = {f.name for f in fields(TrainSchema)} | {"hydra"}
+    trainer = {f.name for f in fields(TrainerSchema)}
+    return [k for k in cfg if k not in top] + [f"trainer.{k}" for k in cfg.get("trainer") or {} if k not in trainer]
+
+
 def validate(cfg: DictConfig) -> None:
-    """Raise a one-line CapsnetError for the first impossible run-level value."""
+    """Raise a one-line CapsnetError for the first unknown key or impossible run-level value."""
+    try:
+        for key in cfg:
+            if key != "hydra" and OmegaConf.is_config(cfg[key]):
+                OmegaConf.to_container(cfg[key], resolve=True)
+    except InterpolationResolutionError as e:
+        key = re.search(r"full_key: (\S+)", str(e))
+        first = str(e).strip().splitlines()[0]
+        raise CapsnetError(f"cannot resolve {key.group(1) if key else 'a value'}: {first}; set what it refers to "
+                           "(e.g. the environment variable) or give the value directly") from None
+    unknown = _unknown_keys(cfg)
+    if unknown:
+        raise CapsnetError(f"unknown config key '{unknown[0]}': check the spelling; "
+                           "`python train.py --cfg job` prints every key")
     for path, ok, allowed in RANGES:
         if OmegaConf.select(cfg, path, default="<absent>") == "<absent>":
             continue

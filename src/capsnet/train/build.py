@@ -6,12 +6,15 @@ Values only the data knows (input shape, number of classes) are passed where
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from capsnet.errors import CapsnetError
 from capsnet.train.checkpoint import load_checkpoint, load_model_state
 
 ROOT = Path(__file__).resolve().parents[3]  # the repository: configs/ and conf_experiments/ beside src/
@@ -31,22 +34,40 @@ def compose_config(overrides=(), config_name: str = "train") -> DictConfig:
         return compose(config_name, overrides=list(overrides))
 
 
+def build(node: DictConfig, what: str, **runtime):
+    """`instantiate`, with a module's refusal of its arguments turned into one line naming the config node."""
+    try:
+        return instantiate(node, **runtime)
+    except InstantiationException as e:
+        cause = e.__cause__ or e
+        while isinstance(cause, InstantiationException) and cause.__cause__ is not None:
+            cause = cause.__cause__
+        if isinstance(cause, CapsnetError):
+            raise cause from None
+        where = re.search(r"full_key: (\S+)", str(e))
+        key = where.group(1) if where else what
+        key = key if key.split(".")[0] == what else f"{what}.{key}"
+        detail = " ".join(str(cause).split())
+        raise CapsnetError(f"cannot build {key}: {type(cause).__name__}: {detail}; check the {what} "
+                           "settings (`python train.py --cfg job` prints them)") from None
+
+
 def build_data(cfg: DictConfig):
     """The data source (`capsnet.data.source.ImageDataset`), its validation hold-out chosen by the run's seed."""
-    return instantiate(cfg.dataset, seed=cfg.seed)
+    return build(cfg.dataset, "dataset", seed=cfg.seed)
 
 
 def build_model(cfg: DictConfig, in_shape, num_classes: int) -> torch.nn.Module:
-    return instantiate(cfg.model, in_shape=tuple(in_shape), num_classes=int(num_classes))
+    return build(cfg.model, "model", in_shape=tuple(in_shape), num_classes=int(num_classes))
 
 
 def build_loss(cfg: DictConfig) -> torch.nn.Module:
-    return instantiate(cfg.loss)
+    return build(cfg.loss, "loss")
 
 
 def build_metrics(cfg: DictConfig) -> dict:
     """{name: metric object} from the `metrics` group, in config order."""
-    return {name: instantiate(node) for name, node in (cfg.metrics or {}).items()}
+    return {name: build(node, "metrics") for name, node in (cfg.metrics or {}).items()}
 
 
 def metric_names(metrics: dict) -> list[str]:
@@ -56,8 +77,8 @@ def metric_names(metrics: dict) -> list[str]:
 
 def build_optimizer(cfg: DictConfig, model: torch.nn.Module):
     """(optimizer, per-step scheduler) from the `optim` group."""
-    optimizer = instantiate(cfg.optim.optimizer)(model.parameters())
-    return optimizer, instantiate(cfg.optim.scheduler)(optimizer)
+    optimizer = build(cfg.optim.optimizer, "optim")(model.parameters())
+    return optimizer, build(cfg.optim.scheduler, "optim")(optimizer)
 
 
 def count_parameters(model: torch.nn.Module) -> int:

@@ -7,6 +7,7 @@ Only rank 0 writes.
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import signal
@@ -27,6 +28,7 @@ from capsnet.train.checkpoint import load_checkpoint, load_model_state, remove_s
 from capsnet.train.engine import LoopHooks, LoopState, StopRequested, evaluate, train_one_epoch
 from capsnet.train.outputs import eval_values, write_metrics, write_results
 from capsnet.train.perf import configure_allocator
+from capsnet.train.resume import RunLock, check_same_run
 from capsnet.train.runtime import SignalFlag, autocast_factory, resolve_device, rng_state, set_rng_state
 from capsnet.train.tb import TensorBoard
 
@@ -62,8 +64,23 @@ class Run:
         if self.device.type == "cuda":
             self.device = torch.device("cuda", local)
         self.main = self.rank == 0
+        self.lock = None
         if self.main:
             self._check_writable()
+            self.lock = RunLock(self.out_dir)
+        try:
+            self._build()
+        except BaseException:
+            if self.lock is not None:
+                self.lock.release()
+            raise
+
+    def _build(self) -> None:
+        cfg, t = self.cfg, self.t
+        self.resume_from = self.resume_path()
+        self.resumed = load_checkpoint(self.resume_from) if self.resume_from else None  # checked before any data
+        if self.resumed is not None:
+            check_same_run(self.resumed, cfg, self.resume_from)
         if t.batch_size % self.world:
             raise CapsnetError(f"trainer.batch_size={t.batch_size} (global) does not divide among "
                                f"{self.world} processes: use a multiple of {self.world}")
@@ -130,7 +147,7 @@ class Run:
         return Path(resume)
 
     def restore(self, path: Path) -> None:
-        ckpt = load_checkpoint(path)
+        ckpt = self.resumed
         load_model_state(self.model, ckpt["model"], str(path))
         try:
             self.optimizer.load_state_dict(ckpt["optimizer"])
@@ -183,10 +200,30 @@ class Run:
 
     # --- the loop ----------------------------------------------------------------------------
     def fit(self) -> dict:
+        try:
+            return self._fit()
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+
+    def _already_complete(self) -> dict | None:
+        """A finished run rerun as it was: its results, left untouched."""
+        done = self.out_dir / "results.json"
+        if self.state.epoch < self.t.epochs or not done.is_file():
+            return None
+        if self.main:
+            print(f"capsnet: the run in {self.out_dir} is already complete ({self.state.epoch} epochs); results.json "
+                  "is left as it is (raise trainer.epochs to train further)", flush=True)
+        return json.loads(done.read_text())
+
+    def _fit(self) -> dict:
         t = self.t
-        path = self.resume_path()
+        path = self.resume_from
         if path is not None:
             self.restore(path)
+            complete = self._already_complete()
+            if complete is not None:
+                return complete
         wrapped = self.model
         if self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
