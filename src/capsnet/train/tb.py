@@ -28,23 +28,29 @@ class TensorBoard:
 
     @torch.no_grad()
     def inspect(self, model: nn.Module, images: torch.Tensor, step: int, autocast) -> None:
-        """Run `images` through the model in eval mode, logging routing and reconstructions."""
+        """Run `images` through the model in eval mode, logging routing and reconstructions.
+
+        Routing diagnostics of each iteration r (`capsnet.routing.diagnostics`: coupling entropy, mean
+        maximum coupling, mean agreement) go in as scalars `routing/<name>_iter{r}`.
+        """
         if self.writer is None:
             return
+        from capsnet.routing.diagnostics import RoutingRecorder, summarize_iterations
+
         routing = getattr(model, "routing", None)
-        records = hasattr(routing, "record")  # a routing module that can record its iterations
-        if records:
-            routing.record = True
-        try:
+        with RoutingRecorder(model) as recorder:  # records only routings that can (a `record` attribute)
             with autocast:
                 out = model(images)
-        finally:
-            if records:
-                routing.record = False
+            sums = recorder.sums(out)
         for name, per_iter in out.extras.items():  # e.g. couplings: one tensor per routing iteration
             if isinstance(per_iter, (list, tuple)):
                 for r, c in enumerate(per_iter, start=1):
                     self.writer.add_histogram(f"routing/{name}_iter{r}", c.float().cpu(), step)
+        if sums:
+            diagnostics = summarize_iterations(sums)
+            for name in ("entropy", "max_coupling", "agreement"):
+                for r, value in enumerate(diagnostics[name] or [], start=1):
+                    self.writer.add_scalar(f"routing/{name}_iter{r}", value, step)
         if routing is not None:
             self.writer.add_histogram("capsules/lengths", out.scores.float().cpu(), step)
         if out.reconstructions is not None:
