@@ -83,6 +83,9 @@ def test_empty_dataset_folder_with_failing_download_is_one_line(tmp_path, monkey
     (tmp_path / "data" / "MNIST" / "raw").mkdir(parents=True)
     args = [f"dataset.root={tmp_path / 'data'}", f"out_dir={tmp_path / 'run'}", *FAST, "dataset.download=true"]
     # no network here, or none allowed: point torchvision's mirrors at a closed local port
+    import urllib.request
+
+    monkeypatch.setattr(urllib.request, "_opener", None)  # the opener urlopen builds now, with this proxy, goes too
     for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
         monkeypatch.setenv(var, "http://127.0.0.1:9")
     refused(train(args), "the download failed", "copy the files there")
