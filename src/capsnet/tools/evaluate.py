@@ -375,11 +375,17 @@ def evaluate_checkpoints(ckpt, out_dir, run_overrides=(), figures: dict | None =
     if rt.rank == 0:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        classes = [str(c) for c in getattr(data, "classes", ())] or [str(k) for k in range(data.num_classes)]
+        classes = class_names(data)
         result["figures"], result["notes"] = draw_figures(members, data.evals()[split], full[split], classes,
                                                           out_dir, {**FIGURE_DEFAULTS, **(figures or {})}, rt)
         write_eval(out_dir, result)
     return result
+
+
+def class_names(data) -> list[str]:
+    """Short class names for figure labels ("7 - seven" -> "7"); class indices when the data names none."""
+    names = [str(c).split(" - ")[0] for c in getattr(data, "classes", ())]
+    return names if len(names) == data.num_classes else [str(k) for k in range(data.num_classes)]
 
 
 def _stored_config(path: Path) -> dict:
