@@ -21,11 +21,11 @@ from capsnet.tools.evaluate import (apply_run_overrides, checkpoint_paths, ensem
 NO_FIGURES = {"enabled": False}
 
 
-def _train(root: Path, data: Path, seed: int, epochs: int = 2) -> Path:
+def _train(root: Path, data: Path, seed: int, epochs: int = 2, extra=(), name: str = "run") -> Path:
     from capsnet.train.run import Run
 
-    out = root / f"run{seed}"
-    cfg = compose_cfg([*FAST, f"dataset.root={data}", f"out_dir={out}", f"trainer.epochs={epochs}",
+    out = root / f"{name}{seed}"
+    cfg = compose_cfg([*FAST, *extra, f"dataset.root={data}", f"out_dir={out}", f"trainer.epochs={epochs}",
                        "trainer.resume=null", "trainer.eval_batch_size=16", "optim.lr=0.02", f"seed={seed}",
                        "dataset.shift=0",
                        "+metrics.top._target_=helpers.MeanTopScore"])  # a continuous value of the scores
@@ -81,6 +81,15 @@ def test_reproduces_the_runs_final_metrics_exactly(runs, tmp_path):
     routing = saved["members"][0]["routing"]
     assert routing["iterations"] == 3 and len(routing["entropy"]) == 3 and len(routing["agreement"]) == 3
     assert routing["entropy"][0] == pytest.approx(routing["uniform_entropy"])  # iteration 1: uniform
+
+
+def test_progress_scheduled_loss_is_where_the_run_left_it(runs, tmp_path):
+    """Spread loss's margin grows with training progress: evaluation must use the run's last margin."""
+    _, data, _ = runs
+    run = _train(tmp_path, data, 0, epochs=2, extra=["loss=spread", "trainer.batch_size=64"], name="spread")
+    final = json.loads((run / "results.json").read_text())["final"]
+    assert "test/spread_loss" in final
+    assert evaluate_checkpoints(str(run / "checkpoints" / "last.pt"), tmp_path, figures=NO_FIGURES)["metrics"] == final
 
 
 def test_ensemble_is_the_argmax_of_summed_scores(runs, tmp_path):

@@ -180,13 +180,15 @@ class Member:
 
 def restore_progress(criterion, ckpt: dict, cfg: DictConfig) -> None:
     """Put a progress-scheduled loss (spread loss's margin) where the run's own evaluation had it: the loop's
-    last `set_progress(step / total_steps)` call was made before its last step."""
+    last `set_progress(step / total_steps)` call was made before its last step, with total_steps = epochs x
+    batches per epoch (epochs from trainer.steps when that budget is set, as the run computes them)."""
     loop = ckpt.get("loop") or {}
     if not hasattr(criterion, "set_progress") or not loop.get("epoch"):
         return
-    per_epoch = (loop["step"] + loop.get("skipped", 0)) / loop["epoch"]
-    total = max(cfg.trainer.epochs * per_epoch, 1.0)
-    criterion.set_progress(max(loop["step"] - 1, 0) / total)
+    per_epoch = round((loop["step"] + loop.get("skipped", 0)) / loop["epoch"])
+    steps = OmegaConf.select(cfg, "trainer.steps", default=None)
+    epochs = math.ceil(steps / per_epoch) if steps and per_epoch else cfg.trainer.epochs
+    criterion.set_progress(max(loop["step"] - 1, 0) / max(epochs * per_epoch, 1))
 
 
 def load_member(path: Path, overrides: list[str], device) -> Member:
@@ -239,6 +241,11 @@ def check_data(member: Member, data) -> None:
 
 
 # --- the evaluation pass -----------------------------------------------------------------------------
+def _recon_with_labels(cfg: DictConfig) -> bool:
+    """The run's test-time reconstruction rule (trainer.eval_recon_with_labels: the true label's capsule)."""
+    return bool(OmegaConf.select(cfg, "trainer.eval_recon_with_labels", default=False))
+
+
 class ScoreCollector:
     """A metric that keeps every batch's scores and labels (on the CPU) for ensembles and figures."""
 
@@ -288,7 +295,7 @@ def evaluate_member(member: Member, loaders: dict, rt, split: str) -> tuple[dict
             if recorder is not None:
                 extra["_routing"] = recorder
             values.update(evaluate(member.model, member.criterion, {**member.metrics, **extra}, loader,
-                                   rt.autocast, rt.device, name))
+                                   rt.autocast, rt.device, name, recon_with_labels=_recon_with_labels(member.cfg)))
             routing = recorder.result if recorder is not None else routing
         collected[name] = collector.result()
     return values, collected, routing
