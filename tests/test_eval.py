@@ -86,7 +86,7 @@ def test_reproduces_the_runs_final_metrics_exactly(runs, tmp_path):
 def test_progress_scheduled_loss_is_where_the_run_left_it(runs, tmp_path):
     """Spread loss's margin grows with training progress: evaluation must use the run's last margin."""
     _, data, _ = runs
-    run = _train(tmp_path, data, 0, epochs=2, extra=["loss=spread", "trainer.batch_size=64"], name="spread")
+    run = _train(tmp_path, data, 0, epochs=1, extra=["loss=spread", "trainer.batch_size=64"], name="spread")
     final = json.loads((run / "results.json").read_text())["final"]
     assert "test/spread_loss" in final
     assert evaluate_checkpoints(str(run / "checkpoints" / "last.pt"), tmp_path, figures=NO_FIGURES)["metrics"] == final
@@ -184,6 +184,14 @@ def test_ensemble_members_must_agree(runs, tmp_path):
     small = _save_variant(good, tmp_path / "small.pt", in_shape=(1, 24, 24))
     _one_line_error(lambda: evaluate_checkpoints([str(good), str(five)], tmp_path), "disagree on classes")
     _one_line_error(lambda: evaluate_checkpoints([str(good), str(small)], tmp_path), "disagree on input shape")
+
+
+def test_data_of_another_shape_is_refused(runs, tmp_path):
+    _, _, (a, _) = runs
+    good = str(a / "checkpoints" / "last.pt")
+    pad = "dataset.eval_transforms=[{_target_:capsnet.data.transforms.Pad,padding:2}]"
+    _one_line_error(lambda: evaluate_checkpoints(good, tmp_path, [pad]), "'test'", "(1, 32, 32)", "(1, 28, 28)")
+    _one_line_error(lambda: evaluate_checkpoints(good, tmp_path, split="affnist"), "split=affnist", "test")
 
 
 def test_run_overrides_apply_to_the_stored_config(runs):

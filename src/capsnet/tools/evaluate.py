@@ -232,12 +232,28 @@ def check_members(members: list[Member]) -> None:
                                f"{m.path} takes {m.in_shape}; ensemble models of the same dataset")
 
 
-def check_data(member: Member, data) -> None:
-    shape, k = tuple(data.in_shape), int(data.num_classes)
-    if shape != tuple(member.in_shape) or k != member.num_classes:
-        raise DatasetError(f"the data ({data.name}) gives inputs {shape} in {k} classes, but {member.path} was "
-                           f"trained on {tuple(member.in_shape)} in {member.num_classes} classes: evaluate it on "
-                           "data of its own shape (e.g. dataset=expanded_mnist for affNIST)")
+def evaluation_sets(data) -> dict:
+    """The data's evaluation sets by name ("val", "test", then extra ones such as affNIST), read without its
+    training split: evaluating on affNIST needs only affNIST's test files."""
+    if not hasattr(data, "own_evals"):
+        return data.evals()
+    sets = dict(data.own_evals())
+    for name, other in (getattr(data, "extra_evals", None) or {}).items():
+        sets[name] = other.own_evals()["test"]
+        sets[name].name = name
+    return sets
+
+
+def check_data(member: Member, data_name: str, sets: dict) -> None:
+    """Every evaluation set must give the model's input shape and labels among its classes."""
+    for name, split in sets.items():
+        shape, labels = tuple(split.in_shape), split.labels
+        top = int(labels.max()) if labels.dim() == 1 and len(labels) else labels.shape[-1] - 1
+        if shape != tuple(member.in_shape) or top >= member.num_classes:
+            problem = f"inputs {shape}" if shape != tuple(member.in_shape) else f"label {top}"
+            raise DatasetError(f"the evaluation set '{name}' of {data_name} gives {problem}, but {member.path} was "
+                               f"trained on inputs {tuple(member.in_shape)} in {member.num_classes} classes: "
+                               "evaluate it on data of its own shape and classes (dataset=...)")
 
 
 # --- the evaluation pass -----------------------------------------------------------------------------
@@ -344,16 +360,18 @@ def setup_runtime(cfg: DictConfig) -> Runtime:
 
 
 def build_loaders(cfg: DictConfig, rt: Runtime):
-    """(data source, {set name: BatchLoader of this process's share}) from the (overridden) run config."""
+    """(data source, its evaluation sets, {set name: BatchLoader of this process's share}) from the
+    (overridden) run config."""
     from capsnet.data.loader import BatchLoader
     from capsnet.train.build import build_data
 
     data = build_data(cfg)
+    sets = evaluation_sets(data)
     t = cfg.trainer
     loaders = {name: BatchLoader(split, t.eval_batch_size, train=False, rank=rt.rank, world_size=rt.world,
                                  num_workers=t.num_workers, pin_memory=rt.device.type == "cuda")
-               for name, split in data.evals().items()}
-    return data, loaders
+               for name, split in sets.items()}
+    return data, sets, loaders
 
 
 def evaluate_checkpoints(ckpt, out_dir, run_overrides=(), figures: dict | None = None, split: str = "test") -> dict:
@@ -363,8 +381,8 @@ def evaluate_checkpoints(ckpt, out_dir, run_overrides=(), figures: dict | None =
     rt = setup_runtime(first_cfg)
     members = [load_member(p, list(run_overrides), rt.device) for p in paths]
     check_members(members)
-    data, loaders = build_loaders(members[0].cfg, rt)
-    check_data(members[0], data)
+    data, sets, loaders = build_loaders(members[0].cfg, rt)
+    check_data(members[0], data.name, sets)
     if split not in loaders:
         raise CapsnetError(f"split={split} is not an evaluation set of this data: choose one of {', '.join(loaders)}")
     collected = []
@@ -372,7 +390,7 @@ def evaluate_checkpoints(ckpt, out_dir, run_overrides=(), figures: dict | None =
         values, scores, routing = evaluate_member(m, loaders, rt, split)
         m.results.update(metrics=values, routing=_routing_entry(routing, m.num_classes))
         collected.append(scores)
-    result = _result(members, data, rt, list(run_overrides), split)
+    result = _result(members, data.name, list(sets), rt, list(run_overrides), split)
     if len(members) > 1:
         result["ensemble"] = {"size": len(members), "rule": "sum of the members' class scores, then argmax",
                               "metrics": ensemble_metrics(collected, members[0].metrics, rt.device)}
@@ -382,17 +400,17 @@ def evaluate_checkpoints(ckpt, out_dir, run_overrides=(), figures: dict | None =
     if rt.rank == 0:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        classes = class_names(data)
-        result["figures"], result["notes"] = draw_figures(members, data.evals()[split], full[split], classes,
+        classes = class_names(data, members[0].num_classes)
+        result["figures"], result["notes"] = draw_figures(members, sets[split], full[split], classes,
                                                           out_dir, {**FIGURE_DEFAULTS, **(figures or {})}, rt)
         write_eval(out_dir, result)
     return result
 
 
-def class_names(data) -> list[str]:
+def class_names(data, num_classes: int) -> list[str]:
     """Short class names for figure labels ("7 - seven" -> "7"); class indices when the data names none."""
     names = [str(c).split(" - ")[0] for c in getattr(data, "classes", ())]
-    return names if len(names) == data.num_classes else [str(k) for k in range(data.num_classes)]
+    return names if len(names) == num_classes else [str(k) for k in range(num_classes)]
 
 
 def _stored_config(path: Path) -> dict:
@@ -415,9 +433,9 @@ def _routing_entry(routing: dict, num_classes: int) -> dict | None:
     return {**routing, "uniform_entropy": math.log(num_classes)}
 
 
-def _result(members: list[Member], data, rt: Runtime, overrides: list[str], split: str) -> dict:
+def _result(members: list[Member], data_name: str, sets: list, rt: Runtime, overrides: list[str], split: str) -> dict:
     t = members[0].cfg.trainer
-    return {"checkpoints": [str(m.path) for m in members], "dataset": data.name, "sets": list(data.evals()),
+    return {"checkpoints": [str(m.path) for m in members], "dataset": data_name, "sets": sets,
             "run_overrides": overrides, "device": str(rt.device), "amp": t.amp, "world_size": rt.world,
             "eval_batch_size": t.eval_batch_size, "figures_split": split,
             "members": [m.results for m in members], "metrics": members[0].results["metrics"], "ensemble": None}
