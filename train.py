@@ -28,5 +28,10 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
+    if any(a in ("--help", "-h") for a in sys.argv[1:]):
+        from capsnet.cli.help import help_text
+
+        print(help_text(CONFIGS, ROOT / "conf_experiments"))
+        sys.exit(0)
     preflight(sys.argv[1:], CONFIGS)
     main()

@@ -98,3 +98,15 @@ def test_every_target_names_a_trusted_package():
     nodes = [n["dataset"] if isinstance(n.get("dataset"), dict) else n for n in nodes]  # @package _global_ files
     dataset_classes = [n["dataset"] for n in nodes if "dataset" in n]
     assert dataset_classes and all(c.startswith("torchvision.datasets.") for c in dataset_classes)
+
+
+def test_help_lists_every_option_and_preset_and_no_schema_node():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0
+    assert "_schema" not in proc.stdout
+    for group in ("model", "dataset", "routing", "loss", "metrics", "optim"):
+        assert all(o in proc.stdout for o in group_options(CONFIGS, group)), group
+    assert all(o in proc.stdout for o in group_options(EXPERIMENTS, "experiment"))

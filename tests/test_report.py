@@ -93,8 +93,11 @@ def test_a_run_made_with_out_dir_is_found_and_the_report_may_go_to_a_new_folder(
 
 
 def test_each_run_logs_hparams_for_tensorboard(sweep):
-    events = list((sweep / "0" / "tb").glob("events.out.tfevents.*"))
-    assert any(b"_hparams_/session_start_info" in e.read_bytes() for e in events)
+    (run_tb,) = (sweep / "0" / "tb").iterdir()
+    assert run_tb.name == "routing.iters=1,seed=0"  # the run's name in TensorBoard says its setting
+    events = list(run_tb.rglob("events.out.tfevents.*"))
+    data = b"".join(e.read_bytes() for e in events)
+    assert b"_hparams_/session_start_info" in data and b"routing.iters" in data
 
 
 def test_report_on_a_folder_without_runs_says_so(tmp_path):

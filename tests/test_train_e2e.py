@@ -29,7 +29,9 @@ def test_train_py_leaves_metrics_results_checkpoint_and_tensorboard(tiny_data, t
     assert results["best"]["name"] == "test/accuracy" and results["routing_iters"] == 3
     assert "routing.iters=3" in results["overrides"]
     assert (out / "checkpoints" / "last.pt").is_file()
-    tags = event_tags(out / "tb")
+    (run_tb,) = (out / "tb").iterdir()  # tb/<the run's settings>: TensorBoard's run name says what it is
+    assert "routing.iters=3" in run_tb.name and "dataset.root" not in run_tb.name
+    tags = event_tags(run_tb)
     assert {"train/margin_loss", "train/recon_loss", "train/loss", "train/accuracy", "test/accuracy",
             "lr", "throughput"} <= set(tags["scalars"])
     assert tags["images"] == ["reconstructions"]

@@ -43,6 +43,12 @@ class OnNonFinite(str, Enum):
     skip = "skip"
 
 
+class KeepCheckpoints(str, Enum):
+    all = "all"
+    last = "last"
+    none = "none"
+
+
 class MonitorMode(str, Enum):
     auto = "auto"
     max = "max"
@@ -64,6 +70,7 @@ class TrainerSchema:
     resume: Optional[str] = "auto"  # auto: continue from <run dir>/checkpoints/last.pt | a path | null
     on_nonfinite: OnNonFinite = OnNonFinite.error  # error: stop at a NaN/inf loss | skip: skip and count
     progress: bool = True  # tqdm progress bar (rank 0)
+    keep_checkpoints: KeepCheckpoints = KeepCheckpoints.all  # all: last.pt + best.pt | last | none (no resume)
     dist_timeout_s: float = 600.0  # collectives wait at most this long for a dead peer
     monitor: str = "test/accuracy"  # "<eval set>/<value>" that picks best.pt (e.g. val/accuracy with dataset.val_size)
     monitor_mode: MonitorMode = MonitorMode.auto  # auto: lower is better for *error and *loss, else higher

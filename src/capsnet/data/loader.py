@@ -45,6 +45,15 @@ class _EpochBatches(torch.utils.data.Dataset):
         return make_batch(self.split, self.batches[k], self.epoch, self.params)
 
 
+def _leave_signals_to_the_main_process(worker_id: int) -> None:
+    """A SIGTERM or Ctrl-C sent to the whole process group must not kill the workers under the run, which
+    then could not save: the main process stops them itself."""
+    import signal
+
+    for name in ("SIGTERM", "SIGINT", "SIGUSR1"):
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+
 class BatchLoader:
     """Yields `Batch`es of this process's share of one split, epoch by epoch."""
 
@@ -88,4 +97,4 @@ class BatchLoader:
                 yield ds[k]
             return
         yield from DataLoader(ds, batch_size=None, shuffle=False, num_workers=self.num_workers,
-                              pin_memory=self.pin_memory)
+                              pin_memory=self.pin_memory, worker_init_fn=_leave_signals_to_the_main_process)

@@ -134,8 +134,15 @@ class Run:
                 "data": {"in_shape": list(self.in_shape), "num_classes": self.num_classes}}
 
     def save(self, name: str = "last.pt") -> None:
-        if self.main:
-            save_checkpoint(self.checkpoint_state(), self.out_dir / "checkpoints" / name)
+        """last.pt holds everything a resume needs; best.pt only the weights and what rebuilds the model
+        (a third of last.pt's size: Adam keeps two moments per weight). trainer.keep_checkpoints limits both."""
+        keep = self.t.keep_checkpoints
+        if not self.main or keep == "none" or (name == "best.pt" and keep != "all"):
+            return
+        state = self.checkpoint_state()
+        if name == "best.pt":
+            state = {k: state[k] for k in ("model", "config", "data", "best", "loop")}
+        save_checkpoint(state, self.out_dir / "checkpoints" / name)
 
     def resume_path(self) -> Path | None:
         resume = self.t.resume
@@ -174,14 +181,25 @@ class Run:
                 "seed": self.cfg.seed, "stopped_at_threshold": self.reached_stop_at(), "overrides": self.overrides}
 
     def hparams(self) -> dict:
-        """What defines the run, for TensorBoard's HParams view (scalars only)."""
+        """What defines the run, for TensorBoard's HParams view: the model, dataset, routing iterations and
+        seed, plus every override of the command line or sweep under its own name (the swept keys show)."""
         c = self.cfg
-        return {"model": str(c.model_name), "dataset": self.data.name,
-                "routing_iters": int(OmegaConf.select(c, "routing.iters", default=0) or 0),
-                "recon_weight": float(OmegaConf.select(c, "loss.recon_weight", default=0.0) or 0.0),
-                "decoder": OmegaConf.select(c, "model.decoder", default=None) is not None, "seed": int(c.seed),
-                "lr": float(c.optim.lr), "batch_size": int(self.t.batch_size), "epochs": int(self.t.epochs),
-                "amp": str(self.t.amp), "overrides": " ".join(self.overrides)}
+        values = {"model": str(c.model_name), "dataset": self.data.name,
+                  "routing_iters": int(OmegaConf.select(c, "routing.iters", default=0) or 0), "seed": int(c.seed)}
+        for key, value in self.setting().items():
+            values[key] = value if isinstance(value, (int, float, bool)) else str(value)
+        return values
+
+    def setting(self) -> dict:
+        """The overrides that define this run (not where it reads or writes), e.g. {"routing.iters": 3, "seed": 1}."""
+        skip = ("out_dir", "dataset.root", "hydra.", "trainer.progress", "trainer.device")
+        pairs = [o.lstrip("+~").split("=", 1) for o in self.overrides if "=" in o]
+        return {k: _scalar(v) for k, v in pairs if not k.startswith(skip)}
+
+    def tb_dir(self) -> Path:
+        """tb/<setting> (e.g. tb/routing.iters=3,seed=1), so TensorBoard's run names say what each run is."""
+        name = ",".join(f"{k}={v}" for k, v in self.setting().items()) or "run"
+        return self.out_dir / "tb" / "".join(ch if ch.isalnum() or ch in "=,._-" else "_" for ch in name)[:120]
 
     def _header(self, resumed: bool) -> str:
         sizes = " / ".join(f"{len(s):,} {n}" for n, s in {"train": self.train_split, **self.eval_splits}.items())
@@ -228,10 +246,10 @@ class Run:
         if self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             wrapped = DistributedDataParallel(self.model, device_ids=ids)
-        tb = TensorBoard(str(self.out_dir / "tb") if self.main else None,
+        tb = TensorBoard(str(self.tb_dir()) if self.main else None,
                          purge_step=self.state.step if path is not None else None)
         test = self.eval_splits["test"]
-        fixed = make_batch(test, torch.arange(min(16, len(test))), 0, None).images.to(self.device)
+        fixed = make_batch(test, torch.arange(min(16, len(test))), 0, None).to(self.device)  # the inspection batch
         if self.main:
             print(self._header(path is not None), flush=True)
         started = time.perf_counter() - sum(r["seconds"] for r in self.history)
@@ -269,9 +287,10 @@ class Run:
                   "lr": self.optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - t0,
                   "skipped_steps": self.state.skipped}
         self.history.append(record)
+        tb.scalars(train, self.state.step)  # once an epoch at least, however short the run
         tb.scalars(evals, self.state.step)
         tb.scalars({"throughput": train["train/images_per_second"]}, self.state.step)
-        tb.inspect(self.model, fixed, self.state.step, self.autocast())
+        tb.inspect(self.model, fixed.images, self.state.step, self.autocast(), labels=fixed.labels)
         value = evals[self.t.monitor]
         improved = math.isfinite(value) and monitor_is_better(self.t.monitor_mode, self.t.monitor, value,
                                                               None if self.best is None else self.best["value"])
@@ -285,6 +304,16 @@ class Run:
             shown = ", ".join(f"{k} {v:.4g}" for k, v in evals.items() if not k.endswith("_loss"))
             print(f"epoch {self.state.epoch}/{self.t.epochs}: train loss {train.get('train/loss', float('nan')):.4f}, "
                   f"{shown} ({record['seconds']:.0f} s)", flush=True)
+
+
+def _scalar(text: str):
+    """An override's value as a number where it is one (so HParams can sort and plot it)."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 def train(cfg: DictConfig) -> float:

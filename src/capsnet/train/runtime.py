@@ -32,9 +32,10 @@ def autocast_factory(device: torch.device, amp: str):
 
 
 class SignalFlag:
-    """SIGTERM/SIGUSR1 (Slurm pre-emption) ask for a stop at the next step boundary."""
+    """SIGTERM/SIGUSR1 (Slurm pre-emption) and SIGINT (Ctrl-C) ask for a stop at the next step boundary,
+    where last.pt is saved; a second Ctrl-C stops at once."""
 
-    SIGNALS = ("SIGTERM", "SIGUSR1")
+    SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
 
     def __init__(self):
         self.received: int | None = None
@@ -49,6 +50,8 @@ class SignalFlag:
         return self
 
     def _handle(self, signum, frame):
+        if signum == signal.SIGINT and self.received == signal.SIGINT:
+            raise KeyboardInterrupt
         self.received = signum
 
     def __call__(self) -> bool:
@@ -57,8 +60,9 @@ class SignalFlag:
     def __exit__(self, *exc):
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
-        if self.received is not None and callable(self.previous.get(self.received)):
-            self.previous[self.received](self.received, None)  # e.g. submitit's requeue
+        previous = self.previous.get(self.received)
+        if self.received is not None and callable(previous) and previous is not signal.default_int_handler:
+            previous(self.received, None)  # e.g. submitit's requeue
 
 
 def rng_state() -> dict:
