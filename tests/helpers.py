@@ -112,25 +112,28 @@ def train_in_process(args, capsys) -> CliResult:
 _SIGNAL_AT_STEP = """
 import os, runpy, signal, sys
 from torch.optim.optimizer import register_optimizer_step_post_hook
-step, sig, train_py = int(sys.argv[1]), getattr(signal, sys.argv[2]), sys.argv[3]
+step, sig, train_py = int(sys.argv[1]), getattr(signal, sys.argv[2].removesuffix("@group")), sys.argv[3]
+to_group = sys.argv[2].endswith("@group")  # as a cluster or Ctrl-C does: every process of the group
 done = 0
 def hook(optimizer, args, kwargs):
     global done
     done += 1
     if done == step:
-        os.kill(os.getpid(), sig)
+        os.killpg(os.getpgrp(), sig) if to_group else os.kill(os.getpid(), sig)
 register_optimizer_step_post_hook(hook)
 sys.argv = sys.argv[3:]
 runpy.run_path(train_py, run_name="__main__")
 """
 
 
-def run_train_signalled(args, step: int, signame: str, timeout=600) -> subprocess.CompletedProcess:
-    """`python train.py ARGS`, which receives `signame` (e.g. SIGKILL, SIGTERM) after its step-th step."""
+def run_train_signalled(args, step: int, signame: str, timeout=600, to_group: bool = False):
+    """`python train.py ARGS`, which receives `signame` (e.g. SIGKILL, SIGTERM) after its step-th step; with
+    `to_group` the whole process group gets it (the run is started in a session of its own)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("HYDRA_FULL_ERROR", None)
-    return subprocess.run([sys.executable, "-c", _SIGNAL_AT_STEP, str(step), signame, str(ROOT / "train.py"),
-                           *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, "-c", _SIGNAL_AT_STEP, str(step), signame + "@group" * to_group,
+                           str(ROOT / "train.py"), *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout, start_new_session=to_group)
 
 
 def event_tags(tb_dir: Path) -> dict:

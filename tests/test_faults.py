@@ -8,6 +8,7 @@ import sys
 import textwrap
 import time
 
+import pytest
 import torch
 
 from capsnet.train.checkpoint import load_checkpoint
@@ -129,3 +130,41 @@ def test_a_dead_ddp_peer_makes_the_others_exit_with_an_error_in_bounded_time(tin
         assert time.time() - start < 120
     finally:
         proc.kill()
+
+
+@pytest.mark.parametrize("signame, workers", [("SIGINT", 0), ("SIGTERM", 2)])
+def test_ctrl_c_and_a_signal_to_the_whole_group_with_workers_save_and_stop(tiny_data, tmp_path, signame, workers):
+    """Ctrl-C saves like SIGTERM; a signal to the process group (a cluster's, or Ctrl-C in a terminal) does not
+    kill the DataLoader workers under the run, which then saves as well."""
+    out = tmp_path / "run"
+    args = [f"dataset.root={tiny_data}", *FAST, "trainer.epochs=2", "trainer.batch_size=8", f"out_dir={out}",
+            f"trainer.num_workers={workers}"]
+    proc = run_train_signalled(args, step=5, signame=signame, to_group=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"stopped by {signame} at step 5" in proc.stdout and "Traceback" not in proc.stderr
+    assert load_checkpoint(out / "checkpoints" / "last.pt")["loop"]["step"] == 5
+
+
+def test_a_logging_failure_never_ends_the_run(tiny_data, tmp_path, capsys, monkeypatch):
+    from torch.utils.tensorboard import SummaryWriter
+
+    def broken(*args, **kwargs):
+        raise ValueError("histogram of NaN")
+
+    monkeypatch.setattr(SummaryWriter, "add_histogram", broken)
+    proc = train_in_process([f"dataset.root={tiny_data}", *FAST, f"out_dir={tmp_path}", "trainer.epochs=2",
+                             "dataset.train_subset=32"], capsys)
+    assert proc.returncode == 0 and (tmp_path / "results.json").is_file()
+    warnings = [line for line in proc.stderr.splitlines() if "TensorBoard could not log inspect" in line]
+    assert len(warnings) == 1 and "training goes on" in warnings[0]  # said once, not every epoch
+
+
+def test_best_pt_holds_weights_only_and_checkpoints_can_be_switched_off(tiny_data, tmp_path, capsys):
+    base = [f"dataset.root={tiny_data}", *FAST, "trainer.epochs=1", "dataset.train_subset=32"]
+    assert train_in_process([*base, f"out_dir={tmp_path / 'all'}"], capsys).returncode == 0
+    best = load_checkpoint(tmp_path / "all" / "checkpoints" / "best.pt")
+    assert "optimizer" not in best and {"model", "config", "data"} <= set(best)
+    assert "optimizer" in load_checkpoint(tmp_path / "all" / "checkpoints" / "last.pt")
+    assert train_in_process([*base, f"out_dir={tmp_path / 'none'}", "trainer.keep_checkpoints=none"],
+                            capsys).returncode == 0
+    assert (tmp_path / "none" / "results.json").is_file() and not (tmp_path / "none" / "checkpoints").exists()
