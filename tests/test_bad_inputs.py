@@ -286,3 +286,20 @@ def test_rerunning_a_finished_run_leaves_its_results(tiny_data, tmp_path, capsys
     again = Run(compose_cfg(args)).fit()
     assert "already complete (1 epochs)" in capsys.readouterr().out
     assert (tmp_path / "results.json").read_text() == before and again["final"] == json.loads(before)["final"]
+
+
+def test_an_idx_header_that_describes_other_images_is_refused(tiny_data, tmp_path, train):
+    path = tiny_data / "MNIST" / "raw" / "t10k-images-idx3-ubyte"
+    data = bytearray(path.read_bytes())
+    data[8:16] = struct.pack(">II", 14, 56)  # same number of bytes, other dimensions: garbage if believed
+    path.write_bytes(bytes(data))
+    refused(train([f"dataset.root={tiny_data}", f"out_dir={tmp_path}", *FAST]), "(1, 14, 56)", "(1, 28, 28)",
+            "download them again")
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["out_dir=/proc/capsnet_run"], ["cannot create the run directory /proc/capsnet_run", "out_dir="]),
+    (["out_dir=/tmp/my", "run"], ["'run' is not key=value", "quoted as one argument"]),
+])
+def test_impossible_or_unquoted_output_paths_are_refused_in_one_line(args, fragments, train):
+    refused(train(args), *fragments)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -78,7 +79,10 @@ def check_overrides(argv: list[str], config_dir: Path, config_name: str = "train
     try:
         variants = expand(overrides)
     except HydraException as e:
-        raise CapsnetError(f"cannot parse the overrides: {_first(e)}") from None
+        bare = [o for o in overrides if "=" not in o and not o.startswith(("+", "~"))]
+        hint = (f"; '{bare[0]}' is not key=value: a value with spaces must be quoted as one argument, "
+                "e.g. 'out_dir=my runs/a'") if bare else ""
+        raise CapsnetError(f"cannot parse the overrides: {_first(e)}{hint}") from None
     cli_multirun = any(a in ("-m", "--multirun") for a in argv)
     with initialize_config_dir(str(config_dir), version_base="1.3"):
         for variant in variants:
@@ -98,9 +102,16 @@ def check_output_folder(path: str, key: str) -> None:
     parent = target
     while not parent.exists():
         parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
+    writable = parent.is_dir() and os.access(parent, os.W_OK)
+    if writable:  # access() says yes to root everywhere, /proc included: try it
+        try:
+            os.rmdir(tempfile.mkdtemp(prefix=".capsnet-probe-", dir=parent))
+        except OSError:
+            writable = False
+    if not writable:
+        choose = "out_dir=... (or hydra.run.dir=...)" if key == "hydra.run.dir" else f"{key}=..."
         raise CapsnetError(f"cannot create the run directory {target}: {parent} is not a writable folder; "
-                           f"choose another with {key}=... (and out_dir=...)")
+                           f"choose another with {choose}")
 
 
 def _culprit(err: BaseException, overrides: list[str]) -> str | None:

@@ -72,6 +72,8 @@ class ImageDataset:
         train_transforms / eval_transforms: lists of `capsnet.data.transforms` objects.
         shift: a random shift of up to `shift` pixels after the train_transforms (the paper's
             only MNIST augmentation, section 5); 0: none.
+        image_shape: the [C, H, W] the files must hold (null: any); a file header that describes
+            other images is refused rather than trained on.
         extra_evals: {name: another data source}: its test split is evaluated too (e.g. affNIST).
         seed: the run's seed (passed when the run builds its data).
     """
@@ -80,7 +82,7 @@ class ImageDataset:
 
     def __init__(self, name: str, root: str = "data", download: bool = True, train_subset: int | None = None,
                  test_subset: int | None = None, val_size: int = 0, train_transforms=(), eval_transforms=(),
-                 shift: int = 0, extra_evals: dict | None = None, seed: int = 0):
+                 shift: int = 0, extra_evals: dict | None = None, seed: int = 0, image_shape=None):
         self.name, self.root, self.download, self.seed = name, str(root), download, seed
         self.subsets = {"train": train_subset, "test": test_subset}
         for key, n in (("train_subset", train_subset), ("test_subset", test_subset)):
@@ -94,6 +96,7 @@ class ImageDataset:
         self.train_transforms = list(train_transforms) + ([RandomShift(shift)] if shift else [])
         self.eval_transforms = list(eval_transforms)
         self.extra_evals = dict(extra_evals or {})
+        self.image_shape = tuple(image_shape) if image_shape else None
         self._cache: dict = {}
 
     # --- what a subclass provides ----------------------------------------------------------------
@@ -118,6 +121,9 @@ class ImageDataset:
         if len(images) != len(labels):
             raise DatasetError(f"{self.name} {split}: {len(images)} images but {len(labels)} labels; "
                                "the files are inconsistent, download them again")
+        if self.image_shape and tuple(images.shape[1:]) != self.image_shape:
+            raise DatasetError(f"{self.name} {split}: the files hold images of shape {tuple(images.shape[1:])}, not "
+                               f"{self.image_shape}: their header does not describe {self.name}; download them again")
         k = len(self.classes) or None
         if k is not None and labels.dim() == 1 and len(labels) and (labels.min() < 0 or labels.max() >= k):
             bad = labels[(labels < 0) | (labels >= k)][0].item()
