@@ -1,30 +1,151 @@
-"""The shipped benchmark runs and reports every case (timings are its output, never asserted)."""
+"""The benchmark's machinery: fresh processes, rounds, ratios, the docs table, --compare (timings are its
+output, never asserted)."""
 
 import json
+import os
+import statistics
 
-from capsnet.tools.bench import main
+import pytest
 
-
-def test_bench_reports_every_case_with_ratios_and_writes_json(tmp_path, capsys):
-    out = tmp_path / "bench.json"
-    rows = main(["--device", "cpu", "--batch-sizes", "2", "--infer-batch", "2", "--iters", "1,3",
-                 "--steps", "1", "--warmup", "0", "--memory", "inline", "--json", str(out)])
-    cases = {(r["case"], r["mode"], r["iters"]) for r in rows}
-    assert cases == {("conv-only", "train", None), ("capsnet", "train", 3), ("naive", "train", 3),
-                     ("conv-only", "infer", None), ("capsnet", "infer", 3), ("naive", "infer", 3),
-                     ("capsnet", "train", 1)}
-    for r in rows:
-        assert r["images_per_second"] > 0 and r["ms_per_step"] > 0
-        if r["case"] == "conv-only":
-            assert r["vs_conv_bound"] == 1.0
-    saved = json.loads(out.read_text())
-    assert saved["rows"] == rows and saved["meta"]["threads"] >= 1
-    table = capsys.readouterr().out
-    assert "| capsnet | train | 2 | 3 |" in table and "x conv bound" in table
+from capsnet.errors import CapsnetError
+from capsnet.tools.bench import main, parse_args, plan, run_fresh
+from capsnet.tools.bench_machine import FLAGS, cpu_info, gemm_gflops
+from capsnet.tools.bench_report import BEGIN, END
 
 
-def test_fresh_process_memory_measurement_returns_a_figure():
-    from capsnet.tools.bench import fresh_peak_mb, parse_args
+def test_one_case_is_timed_in_a_fresh_process():
+    case = {"case": "conv-only", "mode": "infer", "batch": 2, "iters": None, "amp": "off"}
+    row = run_fresh(case, parse_args(["--device", "cpu", "--warmup", "0", "--steps", "1"]))
+    assert row is not None and row["pid"] != os.getpid()
+    assert {k: row[k] for k in case} == case
+    assert row["images_per_second"] > 0 and row["ms_per_step"] > 0 and row["peak_mb"] is not None
 
-    peak = fresh_peak_mb(("capsnet", True, 2, 1), parse_args(["--device", "cpu"]))
-    assert peak is not None and peak > 0
+
+def test_a_case_process_past_its_time_limit_gives_none(capsys):
+    case = {"case": "capsnet", "mode": "train", "batch": 2, "iters": 3, "amp": "off"}
+    args = parse_args(["--device", "cpu", "--case-timeout", "0.01"])
+    assert run_fresh(case, args) is None
+    assert "no result within" in capsys.readouterr().err
+
+
+def test_default_plan_has_bf16_rows_the_sweep_and_every_network():
+    cases = plan(parse_args([]))
+    keys = [(c["case"], c["mode"], c["batch"], c["iters"], c["amp"]) for c in cases]
+    assert len(set(keys)) == len(keys)
+    for amp in ("off", "bf16"):
+        assert {("conv-only", "train", 128, None, amp), ("capsnet", "train", 128, 3, amp),
+                ("conv-only", "infer", 256, None, amp), ("capsnet", "infer", 256, 3, amp)} <= set(keys)
+    assert {c["iters"] for c in cases if c["case"] == "capsnet" and c["batch"] == 128 and c["amp"] == "off"} \
+        == {1, 2, 3, 4, 5}
+    for m in ("capsnet+self_attention", "efficient_capsnet", "idpa_capsnet", "matrix_capsnet"):
+        assert {c["mode"] for c in cases if c["case"] == m} == {"train", "infer"}
+
+
+@pytest.mark.parametrize("argv", [["--device", "cpu", "--amp", "fp16"], ["--models", "resnet"], ["--amp", "fp8"]])
+def test_bad_options_are_refused(argv):
+    with pytest.raises(SystemExit):
+        parse_args(argv)
+
+
+DRIFT = [1.0, 0.5, 2.0]  # the machine's speed in each round: ratios within a round must cancel it
+
+
+def fake_runner(order):
+    """Rows as a child process would print them: images/s = base rate x the round's drift."""
+    base = {"conv-only": 10.0, "capsnet": 9.0, "naive": 6.0}
+
+    def run(case, args):
+        r = len(order) // n_cases[0]
+        order.append(case["case"] + case["mode"])
+        if case["case"] == "naive" and case["mode"] == "infer" and r == 1:
+            return None  # this round's process failed
+        ips = base[case["case"]] * DRIFT[r] * (0.5 if case["amp"] == "bf16" else 1.0)
+        return {**case, "input": "noise", "ms_per_step": 1000 * case["batch"] / ips, "images_per_second": ips,
+                "peak_mb": 100.0 + r}
+
+    n_cases = [0]
+    return run, n_cases
+
+
+def test_rounds_rotate_fold_to_median_and_spread_with_per_round_ratios(tmp_path, capsys):
+    argv = ["--device", "cpu", "--batch-sizes", "2", "--infer-batch", "2", "--iters", "3", "--models", "none",
+            "--amp", "off,bf16", "--gemm-seconds", "0", "--json", str(tmp_path / "b.json")]
+    order = []
+    run, n_cases = fake_runner(order)
+    n_cases[0] = len(plan(parse_args(argv)))
+    result = main(argv, runner=run)
+    n = n_cases[0]
+    rounds = [order[i * n:(i + 1) * n] for i in range(3)]
+    assert rounds[1] == rounds[0][1:] + rounds[0][:1] and rounds[2] == rounds[0][2:] + rounds[0][:2]
+    rows = {(r["case"], r["mode"], r["amp"]): r for r in result["rows"]}
+    caps = rows[("capsnet", "train", "off")]
+    assert caps["images_per_second"] == pytest.approx(statistics.median(9.0 * d for d in DRIFT))
+    assert (caps["images_per_second_min"], caps["images_per_second_max"]) == (4.5, 18.0)
+    assert caps["vs_conv_bound"] == pytest.approx(0.9) and caps["vs_naive"] == pytest.approx(1.5)
+    assert rows[("capsnet", "train", "bf16")]["vs_fp32"] == pytest.approx(0.5)
+    assert rows[("capsnet", "train", "bf16")]["vs_conv_bound"] == pytest.approx(0.9)
+    failed = rows[("naive", "infer", "off")]
+    assert failed["failed"] == 1 and failed["per_round_images_per_second"][1] is None
+    saved = json.loads((tmp_path / "b.json").read_text())
+    assert saved["rows"] == result["rows"]
+    meta = saved["meta"]
+    assert set(meta["flags"]) == set(FLAGS) and meta["threads"] >= 1 and meta["allocator"] == "keep"
+    assert {"cpu", "torch", "gemm_gflops_fp32", "gemm_gflops_bf16", "load_before", "load_after"} <= set(meta)
+    out = capsys.readouterr().out
+    assert "| capsnet | bf16 | train | 2 | 3 |" in out and "(1 of 3 rounds failed)" in out
+
+
+def bench_json(path, rows, amp_in_rows=True, **meta):
+    meta = {"date": "2026-01-02T03:04:05", "cpu": "Test CPU", "cpus": 2, "flags": {f: False for f in FLAGS},
+            "threads": 2, "torch": "2.x", "allocator": "keep", "gpu": None, "rounds": 3, "warmup": 1,
+            "steps": 3, "load_before": [0.1, 0.1, 0.1], "load_after": [0.2, 0.2, 0.2], "amp": "off", **meta}
+    full = [{"case": c, "mode": m, "batch": b, "iters": i, "ms_per_step": 1000.0 * b / ips,
+             "images_per_second": ips, "images_per_second_min": ips * 0.9, "images_per_second_max": ips * 1.1,
+             "peak_mb": 123.0, "vs_conv_bound": None, "vs_naive": None, "vs_fp32": None, "rounds": 3, "failed": 0,
+             **({"amp": "off"} if amp_in_rows else {})} for c, m, b, i, ips in rows]
+    path.write_text(json.dumps({"meta": meta, "rows": full}))
+    return path
+
+
+def test_compare_lists_common_cases_with_b_over_a(tmp_path, capsys):
+    a = bench_json(tmp_path / "a.json", [("capsnet", "train", 128, 3, 40.0), ("naive", "train", 128, 3, 30.0)],
+                   amp_in_rows=False)  # the older format: amp only in meta
+    b = bench_json(tmp_path / "b.json", [("capsnet", "train", 128, 3, 50.0), ("capsnet", "infer", 256, 3, 9.0)],
+                   cpu="Other CPU")
+    main(["--compare", str(a), str(b)])
+    out = capsys.readouterr().out
+    assert "| capsnet | off | train | 128 | 3 | 40.0 | 50.0 | 1.25 |" in out
+    assert "naive" not in out and "infer" not in out and "2 case(s) in only one" in out
+    assert "A: Test CPU" in out and "B: Other CPU" in out
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(CapsnetError, match="bad.json"):
+        main(["--compare", str(a), str(tmp_path / "bad.json")])
+
+
+def test_markdown_prints_the_docs_block_and_docs_rewrites_only_between_markers(tmp_path, capsys):
+    f = bench_json(tmp_path / "bench.json", [("conv-only", "train", 128, None, 40.0),
+                                            ("capsnet", "train", 128, 3, 38.0)],
+                   command="python -m capsnet.tools.bench", load_before=[3.0, 2.0, 1.0])
+    main(["--markdown", str(f)])
+    block = capsys.readouterr().out
+    assert block.startswith("`python -m capsnet.tools.bench`, on 2026-01-02: Test CPU (2 CPUs)")
+    assert "measured while other work ran on the machine" in block.lower()
+    assert "| capsnet | off | train | 128 | 3 | 3368 | 38.0 | 34.2-41.8 | 123 |" in block
+    assert block.index("| conv-only |") < block.index("| capsnet |")
+    doc = tmp_path / "perf.md"
+    doc.write_text(f"# Title\n\nbefore\n{BEGIN}\nold table\n{END}\nafter\n")
+    main(["--markdown", str(f), "--docs", str(doc)])
+    text = doc.read_text()
+    assert text.startswith("# Title\n\nbefore\n" + BEGIN) and text.endswith(END + "\nafter\n")
+    assert "old table" not in text and block.strip() in text
+    doc.write_text("no markers\n")
+    with pytest.raises(CapsnetError, match="bench:begin"):
+        main(["--markdown", str(f), "--docs", str(doc)])
+
+
+def test_machine_record_parts():
+    info = cpu_info()
+    assert set(info["flags"]) == set(FLAGS) and info["cpus"] >= 1
+    import torch
+
+    assert gemm_gflops(torch.float32, torch.device("cpu"), 64, 0.0) > 0

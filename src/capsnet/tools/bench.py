@@ -1,297 +1,199 @@
-"""Speed and memory of a CapsNet step: `python -m capsnet.tools.bench` (or `make bench`).
+"""Speed and memory of capsule networks: `python -m capsnet.tools.bench` (or `make bench`).
 
-Runs, in one process and one after another: (a) our CapsNet's training step
-(forward, margin + reconstruction loss, backward, Adam) and inference; (b) the
-same model with the naive parts most public re-implementations use
-(`capsnet.routing.naive`); (c) the conv-only bound: just Conv1 and the
-PrimaryCaps convolution of the same shapes, forward and backward, which no
-routing trick can beat; then a sweep of routing iterations. Prints one table
-(median ms per step, images/s, peak memory, ratios to the bound and to the
-naive model) and writes it as JSON.
+Cases: our CapsNet's training step (forward, the config's loss, backward,
+Adam) and inference; the same model with the naive parts most public
+re-implementations use (`capsnet.routing.naive`); the conv-only bound (Conv1
+and the PrimaryCaps convolution alone, which no routing trick can beat); a
+sweep of routing iterations; bf16 rows beside the fp32 ones; the other
+routings' networks (self-attention routing in the CapsNet, Efficient-CapsNet,
+inverted dot-product attention, EM). Every case runs in a fresh Python process
+(a clean heap, no warm caches from the case before), the whole list in R
+rounds with the order rotated each round; rows give the median over rounds
+and the spread. Writes bench.json (rows + machine record); `--compare A B`
+compares two such files; `--docs docs/performance.md` rewrites the table there.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
-import gc
 import json
 import os
-import platform
-import statistics
+import shlex
 import subprocess
 import sys
-import time
-from functools import partial
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from capsnet.train.build import build_loss, build_model, compose_config
-from capsnet.types import Batch
-from capsnet.train.perf import configure_allocator, release_free_memory
-from capsnet.routing.naive import NaiveClassCapsules
+from capsnet.tools.bench_cases import CASES, run_case
+from capsnet.tools.bench_machine import describe, machine_record
+from capsnet.tools.bench_report import compare, fold, format_table, load, markdown, targets, write_docs
+from capsnet.train.perf import configure_allocator
 
-
-def build_capsnet(iters: int = 3, naive: bool = False):
-    """(the paper's CapsNet from configs/model/capsnet.yaml, its loss): the network `train.py` trains."""
-    cfg = compose_config(["model=capsnet", f"routing.iters={iters}"])
-    model = build_model(cfg, (1, 28, 28), 10)
-    if naive:
-        model.class_caps = NaiveClassCapsules(model.class_caps)
-    return model, build_loss(cfg)
-
-
-class ConvBound(nn.Module):
-    """The model's own convolutions alone (Conv1 and the PrimaryCaps convolution): the floor under any
-    CapsNet step."""
-
-    def __init__(self, capsnet):
-        super().__init__()
-        self.features, self.conv = capsnet.features, capsnet.primary.conv
-
-    def forward(self, x, recon_classes=None):
-        return self.conv(self.features(x))
-
-
-def cpu_name() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    return platform.processor() or platform.machine()
-
-
-def mnist_batch(n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Real MNIST test images when $CAPSNET_DATA holds them, else uniform noise of the same shape."""
-    root = os.environ.get("CAPSNET_DATA")
-    if root and (Path(root) / "MNIST" / "raw" / "t10k-images-idx3-ubyte").is_file():
-        from torchvision.datasets import MNIST
-
-        ds = MNIST(root, train=False, download=False)
-        idx = torch.arange(n) % len(ds.data)
-        return ds.data[idx].unsqueeze(1).float().div(255).to(device), ds.targets[idx].to(device)
-    g = torch.Generator().manual_seed(0)
-    return torch.rand(n, 1, 28, 28, generator=g).to(device), torch.randint(0, 10, (n,), generator=g).to(device)
-
-
-class Memory:
-    """Peak memory of a case above what was resident when it started (MB)."""
-
-    def __init__(self, device):
-        self.cuda = device.type == "cuda"
-
-    def start(self):
-        gc.collect()
-        if self.cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.base = torch.cuda.memory_allocated()
-            return
-        release_free_memory()
-        with contextlib.suppress(OSError):
-            Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS counter
-        self.base = self._status("VmRSS")
-
-    def peak_mb(self) -> float | None:
-        if self.cuda:
-            return (torch.cuda.max_memory_allocated() - self.base) / 2 ** 20
-        peak = self._status("VmHWM")
-        return None if peak is None or self.base is None else (peak - self.base) / 1024
-
-    @staticmethod
-    def _status(key: str):
-        with contextlib.suppress(OSError):
-            for line in Path("/proc/self/status").read_text().splitlines():
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])  # kB
-        return None
-
-
-def time_case(step, warmup: int, steps: int, device, memory: Memory) -> tuple[float, float | None]:
-    """Median seconds per call of `step` after `warmup` calls, and the peak memory of the case."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    memory.start()
-    for _ in range(warmup):
-        step()
-    sync()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), memory.peak_mb()
-
-
-def make_steps(model, crit, train: bool, x, y, autocast, scaler=None):
-    if not train:
-        model.eval()
-
-        @torch.no_grad()
-        def infer():
-            with autocast():
-                return model(x)
-
-        return infer
-    model.train()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    batch = Batch(x, y)
-
-    def train_step():
-        with autocast():
-            out = model(x, y.unsqueeze(1))
-            loss = crit(out, batch)["loss"] if not isinstance(model, ConvBound) else out.float().sum()
-        opt.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-        else:
-            loss.backward()
-            if not isinstance(model, ConvBound):
-                opt.step()
-
-    return train_step
-
-
-def run_case(kind: str, train: bool, batch: int, iters: int, args, device, memory) -> dict:
-    torch.manual_seed(0)
-    model, crit = build_capsnet(iters, naive=kind == "naive")
-    if kind == "conv-only":
-        model = ConvBound(model)
-    model = model.to(device)
-    x, y = mnist_batch(batch, device)
-    if args.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-        x = x.contiguous(memory_format=torch.channels_last)
-    if args.compile and kind == "capsnet":
-        model = torch.compile(model)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
-    autocast = (partial(torch.autocast, device.type, dtype=dtype) if dtype else contextlib.nullcontext)
-    scaler = torch.amp.GradScaler(device.type) if args.amp == "fp16" and kind != "conv-only" else None
-    step = make_steps(model, crit, train, x, y, autocast, scaler)
-    seconds, peak = time_case(step, args.warmup, args.steps, device, memory)
-    del model, step
-    return {"case": kind, "mode": "train" if train else "infer", "batch": batch,
-            "iters": None if kind == "conv-only" else iters, "ms_per_step": 1000 * seconds,
-            "images_per_second": batch / seconds, "peak_mb": peak}
-
-
-def plan(args) -> list[tuple]:
-    """Our model and the bound first, the naive model last: its gigabytes of temporaries leave the
-    heap fragmented, which would inflate the peak memory of whatever is measured after it."""
-    cases = []
-    for b in args.batch_sizes:
-        cases += [("conv-only", True, b, 3), ("capsnet", True, b, 3)]
-    sweep_batch = max(args.batch_sizes)
-    cases += [("capsnet", True, sweep_batch, r) for r in args.iters if r != 3]
-    cases += [("conv-only", False, args.infer_batch, 3), ("capsnet", False, args.infer_batch, 3)]
-    if not args.no_naive:
-        cases += [("naive", True, b, 3) for b in args.batch_sizes] + [("naive", False, args.infer_batch, 3)]
-    return cases
-
-
-def add_ratios(rows: list[dict]) -> None:
-    def find(case, mode, batch, iters=3):
-        for r in rows:
-            if r["case"] == case and r["mode"] == mode and r["batch"] == batch and r["iters"] in (iters, None):
-                return r
-        return None
-
-    for r in rows:
-        bound = find("conv-only", r["mode"], r["batch"])
-        naive = find("naive", r["mode"], r["batch"])
-        r["vs_conv_bound"] = r["images_per_second"] / bound["images_per_second"] if bound else None
-        r["vs_naive"] = r["images_per_second"] / naive["images_per_second"] if naive else None
-
-
-def format_table(rows: list[dict]) -> str:
-    f = lambda v, d=1: "-" if v is None else f"{v:.{d}f}"  # noqa: E731
-    head = ["case", "mode", "batch", "iters", "ms/step", "images/s", "peak MB", "x conv bound", "x naive"]
-    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
-    for r in rows:
-        lines.append("| " + " | ".join([r["case"], r["mode"], str(r["batch"]), f(r["iters"], 0) if r["iters"]
-                                        else "-", f(r["ms_per_step"], 0), f(r["images_per_second"]),
-                                        f(r["peak_mb"], 0), f(r["vs_conv_bound"], 2), f(r["vs_naive"], 2)]) + " |")
-    return "\n".join(lines)
+OTHER_MODELS = ["capsnet+self_attention", "efficient_capsnet", "idpa_capsnet", "matrix_capsnet"]
 
 
 def parse_args(argv=None):
     ints = lambda s: [int(v) for v in s.split(",")]  # noqa: E731
+    names = lambda s: [] if s in ("", "none") else s.split(",")  # noqa: E731
     p = argparse.ArgumentParser(prog="python -m capsnet.tools.bench", description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off")
-    p.add_argument("--compile", action="store_true", help="torch.compile our model")
+    p.add_argument("--amp", type=names, default=["off", "bf16"],
+                   help="comma list of off|bf16|fp16: all cases in the first, conv-only + CapsNet rows in the rest")
+    p.add_argument("--compile", action="store_true", help="torch.compile the networks (not the bound)")
     p.add_argument("--channels-last", action="store_true")
-    p.add_argument("--batch-sizes", type=ints, default=[32, 128])
+    p.add_argument("--batch-sizes", type=ints, default=[32, 128], help="training batches of the CapsNet rows")
     p.add_argument("--infer-batch", type=int, default=256)
     p.add_argument("--iters", type=ints, default=[1, 2, 3, 4, 5], help="routing iterations to sweep")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--steps", type=int, default=5, help="timed steps per case (the median is reported)")
+    p.add_argument("--models", type=names, default=OTHER_MODELS, help="other networks to time ('none': skip)")
+    p.add_argument("--model-batch", type=int, default=None,
+                   help="batch of the other networks' rows (default: each network's own, bench_cases.CASES)")
+    p.add_argument("--no-naive", action="store_true", help="skip the naive reference model")
+    p.add_argument("--rounds", type=int, default=3, help="runs of the whole list, order rotated each time")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--steps", type=int, default=3, help="timed steps per case and round (their median)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: PyTorch's)")
     p.add_argument("--allocator", choices=["keep", "default"], default="keep",
                    help="keep: glibc keeps freed memory for reuse, as train.py does by default")
-    p.add_argument("--no-naive", action="store_true", help="skip the naive reference model")
+    p.add_argument("--gemm-seconds", type=float, default=0.5, help="length of each GEMM-peak loop (0: skip)")
+    p.add_argument("--case-timeout", type=float, default=1800, help="seconds before a case's process is killed")
+    p.add_argument("--quick", action="store_true", help="a smoke run: batch 2, one round, CapsNet cases only")
     p.add_argument("--json", type=Path, default=Path("bench.json"))
-    p.add_argument("--memory", choices=["fresh", "inline"], default="fresh",
-                   help="fresh: measure each case's peak memory in a new process (a clean heap); "
-                        "inline: in this process, after the cases before it")
-    p.add_argument("--memory-case", default=None, help=argparse.SUPPRESS)  # internal: one case, print its peak
-    return p.parse_args(argv)
+    p.add_argument("--compare", nargs=2, type=Path, metavar=("A", "B"), help="compare two bench.json files")
+    p.add_argument("--markdown", type=Path, metavar="BENCH_JSON", help="print the docs block of a bench.json")
+    p.add_argument("--docs", type=Path, help="write the table between the bench markers of this file")
+    p.add_argument("--case", default=None, help=argparse.SUPPRESS)  # internal: time one case, print its row
+    args = p.parse_args(argv)
+    if args.quick:
+        args.batch_sizes, args.infer_batch, args.iters, args.models, args.model_batch = [2], 2, [1, 3], [], 2
+        args.amp, args.rounds, args.warmup, args.steps, args.gemm_seconds = ["off"], 1, 0, 1, 0.05
+    bad = [a for a in args.amp if a not in ("off", "bf16", "fp16")] + [m for m in args.models if m not in CASES]
+    if bad or not args.amp:
+        p.error(f"unknown --amp or --models value {bad[0] if bad else '(empty)'}; --amp takes off,bf16,fp16 and "
+                f"--models {','.join(OTHER_MODELS)}")
+    if "fp16" in args.amp and args.device != "cuda":
+        p.error("--amp fp16 needs --device cuda (use bf16 on a CPU)")
+    if args.rounds < 1 or args.steps < 1:
+        p.error("--rounds and --steps must be at least 1")
+    return args
 
 
-def fresh_peak_mb(case: tuple, args) -> float | None:
-    """Peak memory of one case, measured by a new Python process (1 warm-up, 1 step)."""
-    kind, train, batch, iters = case
-    cmd = [sys.executable, "-m", "capsnet.tools.bench", "--device", args.device, "--amp", args.amp,
-           "--allocator", args.allocator, "--warmup", "1", "--steps", "1",
-           "--memory-case", f"{kind},{int(train)},{batch},{iters}"]
+def case(name: str, mode: str, batch: int, iters: int | None, amp: str) -> dict:
+    return {"case": name, "mode": mode, "batch": batch, "iters": iters, "amp": amp}
+
+
+def plan(args) -> list[dict]:
+    """The list of cases (one round). The bound and our CapsNet at every batch in every amp; the
+    iteration sweep, the naive model and the other networks in the first amp only."""
+    first, biggest = args.amp[0], max(args.batch_sizes)
+
+    def core(amp):
+        rows = [case(n, "train", b, None if n == "conv-only" else 3, amp)
+                for b in args.batch_sizes for n in ("conv-only", "capsnet")]
+        return rows + [case("conv-only", "infer", args.infer_batch, None, amp),
+                       case("capsnet", "infer", args.infer_batch, 3, amp)]
+
+    cases = core(first) + [case("capsnet", "train", biggest, r, first) for r in args.iters if r != 3]
+    for amp in args.amp[1:]:
+        cases += core(amp)
+    if not args.no_naive:
+        cases += [case("naive", "train", b, 3, first) for b in args.batch_sizes]
+        cases += [case("naive", "infer", args.infer_batch, 3, first)]
+    for m in args.models:
+        b = args.model_batch or CASES[m].batch
+        cases += [case(m, "train", b, None, first), case(m, "infer", b, None, first)]
+    return cases
+
+
+def rotated(cases: list, r: int) -> list[int]:
+    """Indices of round r: the list started r places further on, so no case always follows the same one."""
+    n = len(cases)
+    return [(i + r) % n for i in range(n)]
+
+
+def run_fresh(case: dict, args) -> dict | None:
+    """Time one case in a new Python process; its row, or None (the process's last lines go to stderr)."""
+    cmd = [sys.executable, "-m", "capsnet.tools.bench", "--device", args.device, "--allocator", args.allocator,
+           "--warmup", str(args.warmup), "--steps", str(args.steps), "--case", json.dumps(case)]
     cmd += ["--compile"] * args.compile + ["--channels-last"] * args.channels_last
     cmd += ["--threads", str(args.threads)] if args.threads else []
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.case_timeout)
+    except subprocess.TimeoutExpired:
+        print(f"  {case}: no result within {args.case_timeout:.0f} s", file=sys.stderr)
+        return None
     lines = [x for x in proc.stdout.splitlines() if x.startswith("{")]
-    return json.loads(lines[-1])["peak_mb"] if proc.returncode == 0 and lines else None
+    if proc.returncode != 0 or not lines:
+        tail = "\n    ".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
+        print(f"  {case}: failed (exit {proc.returncode}):\n    {tail}", file=sys.stderr)
+        return None
+    return json.loads(lines[-1])
 
 
-def main(argv=None) -> list[dict]:
-    args = parse_args(argv)
-    if args.amp == "fp16" and args.device != "cuda":
-        raise SystemExit("capsnet.tools.bench: error: --amp fp16 needs --device cuda")
+def run_rounds(cases: list[dict], args, runner=run_fresh) -> list[list[dict | None]]:
+    """R rounds over the cases, each in rotated order; result[r][i] is case i's row in round r."""
+    rounds = []
+    for r in range(args.rounds):
+        got = [None] * len(cases)
+        for i in rotated(cases, r):
+            got[i] = runner(cases[i], args)
+            c, row = cases[i], got[i]
+            result = "failed" if row is None else \
+                f"{row['ms_per_step']:8.0f} ms/step, {row['images_per_second']:7.1f} images/s"
+            print(f"  round {r + 1}/{args.rounds} {c['case']:22s} {c['amp']:4s} {c['mode']:5s} batch {c['batch']:3d} "
+                  f"iters {'-' if c['iters'] is None else c['iters']}: {result}", flush=True)
+        rounds.append(got)
+    return rounds
+
+
+def run_one(args) -> dict:
+    """The internal --case mode: time the case in this process and print its row as one JSON line."""
     configure_allocator(args.allocator)
     if args.threads:
         torch.set_num_threads(args.threads)
+    row = run_case(json.loads(args.case), device=torch.device(args.device), warmup=args.warmup, steps=args.steps,
+                   compile=args.compile, channels_last=args.channels_last)
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def main(argv=None, runner=run_fresh) -> dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    if args.case:
+        return run_one(args)
+    if args.compare:
+        print(compare(load(args.compare[0]), load(args.compare[1])))
+        return {}
+    if args.markdown:
+        block = markdown(load(args.markdown))
+        if args.docs:
+            write_docs(args.docs, block)
+        else:
+            print(block)
+        return {}
+    load_before = os.getloadavg()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    memory = Memory(device)
-    if args.memory_case:
-        kind, train, batch, iters = args.memory_case.split(",")
-        row = run_case(kind, bool(int(train)), int(batch), int(iters), args, device, memory)
-        print(json.dumps(row))
-        return [row]
-    meta = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
-            "device": torch.cuda.get_device_name() if device.type == "cuda" else cpu_name(),
-            "threads": torch.get_num_threads(), "amp": args.amp, "compile": args.compile,
-            "channels_last": args.channels_last, "allocator": args.allocator,
-            "steps": args.steps, "warmup": args.warmup, "memory": args.memory}
-    print(f"capsnet.tools.bench: {meta['device']}, torch {meta['torch']}, {meta['threads']} threads, amp {args.amp}, "
-          f"allocator {args.allocator}, median of {args.steps} steps after {args.warmup} warm-up, "
-          f"memory {args.memory}", flush=True)
-    rows = []
-    for kind, train, batch, iters in plan(args):
-        rows.append(run_case(kind, train, batch, iters, args, device, memory))
-        r = rows[-1]
-        if args.memory == "fresh" and device.type == "cpu":
-            r["peak_mb"] = fresh_peak_mb((kind, train, batch, iters), args)
-        print(f"  {kind:9s} {r['mode']:5s} batch {batch:3d} iters {iters}: {r['ms_per_step']:8.0f} ms/step, "
-              f"{r['images_per_second']:7.1f} images/s", flush=True)
-    add_ratios(rows)
-    table = format_table(rows)
-    print(table)
-    args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    print(f"written to {args.json}")
-    return rows
+    meta = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "command": shlex.join(["python", "-m", "capsnet.tools.bench", *argv]),
+            **machine_record(device, args.allocator, args.gemm_seconds), "device": str(device),
+            "load_before": load_before, "rounds": args.rounds, "warmup": args.warmup, "steps": args.steps,
+            "compile": args.compile, "channels_last": args.channels_last}
+    cases = plan(args)
+    print(f"capsnet.tools.bench: {describe(meta)}\n  {len(cases)} cases x {args.rounds} rounds, each in a fresh "
+          f"process, {args.warmup} warm-up + median of {args.steps} steps", flush=True)
+    rows = fold(cases, run_rounds(cases, args, runner))
+    meta["load_after"] = os.getloadavg()
+    result = {"meta": meta, "rows": rows}
+    args.json.write_text(json.dumps(result, indent=2) + "\n")
+    print(format_table(rows) + "\n\n" + targets(rows) + f"\n\nwritten to {args.json}")
+    if args.docs:
+        write_docs(args.docs, markdown(result))
+        print(f"table written to {args.docs}")
+    return result
 
 
 if __name__ == "__main__":
