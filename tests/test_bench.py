@@ -133,10 +133,11 @@ def test_markdown_prints_the_docs_block_and_docs_rewrites_only_between_markers(t
     assert "| capsnet | off | train | 128 | 3 | 3368 | 38.0 | 34.2-41.8 | 123 |" in block
     assert block.index("| conv-only |") < block.index("| capsnet |")
     doc = tmp_path / "perf.md"
-    doc.write_text(f"# Title\n\nbefore\n{BEGIN}\nold table\n{END}\nafter\n")
+    doc.write_text(f"# Title\n\nmarkers named inline: `{BEGIN}` `{END}`\n{BEGIN}\nold table\n{END}\nafter\n")
     main(["--markdown", str(f), "--docs", str(doc)])
     text = doc.read_text()
-    assert text.startswith("# Title\n\nbefore\n" + BEGIN) and text.endswith(END + "\nafter\n")
+    assert text.startswith(f"# Title\n\nmarkers named inline: `{BEGIN}` `{END}`\n{BEGIN}\n")
+    assert text.endswith(END + "\nafter\n")
     assert "old table" not in text and block.strip() in text
     doc.write_text("no markers\n")
     with pytest.raises(CapsnetError, match="bench:begin"):

@@ -131,8 +131,9 @@ def run_fresh(case: dict, args) -> dict | None:
     return json.loads(lines[-1])
 
 
-def run_rounds(cases: list[dict], args, runner=run_fresh) -> list[list[dict | None]]:
-    """R rounds over the cases, each in rotated order; result[r][i] is case i's row in round r."""
+def run_rounds(cases: list[dict], args, runner=run_fresh, on_round=None) -> list[list[dict | None]]:
+    """R rounds over the cases, each in rotated order; result[r][i] is case i's row in round r.
+    `on_round(rounds so far)` after each round (main saves them: a stopped run keeps finished rounds)."""
     rounds = []
     for r in range(args.rounds):
         got = [None] * len(cases)
@@ -144,6 +145,8 @@ def run_rounds(cases: list[dict], args, runner=run_fresh) -> list[list[dict | No
             print(f"  round {r + 1}/{args.rounds} {c['case']:22s} {c['amp']:4s} {c['mode']:5s} batch {c['batch']:3d} "
                   f"iters {'-' if c['iters'] is None else c['iters']}: {result}", flush=True)
         rounds.append(got)
+        if on_round is not None:
+            on_round(rounds)
     return rounds
 
 
@@ -185,10 +188,14 @@ def main(argv=None, runner=run_fresh) -> dict:
     cases = plan(args)
     print(f"capsnet.tools.bench: {describe(meta)}\n  {len(cases)} cases x {args.rounds} rounds, each in a fresh "
           f"process, {args.warmup} warm-up + median of {args.steps} steps", flush=True)
-    rows = fold(cases, run_rounds(cases, args, runner))
-    meta["load_after"] = os.getloadavg()
-    result = {"meta": meta, "rows": rows}
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
+    def save(rounds):
+        meta.update(load_after=os.getloadavg(), rounds=len(rounds))
+        result = {"meta": meta, "rows": fold(cases, rounds)}
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        return result
+
+    result = save(run_rounds(cases, args, runner, on_round=save))
+    rows = result["rows"]
     print(format_table(rows) + "\n\n" + targets(rows) + f"\n\nwritten to {args.json}")
     if args.docs:
         write_docs(args.docs, markdown(result))

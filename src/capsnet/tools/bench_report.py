@@ -10,6 +10,7 @@ most of a shared machine's drift.
 from __future__ import annotations
 
 import json
+import re
 import statistics
 from pathlib import Path
 
@@ -149,12 +150,12 @@ def machine_line(meta: dict) -> str:
 
 
 def write_docs(path: Path, block: str) -> None:
-    """Replace what lies between the bench markers of `path` with `block`."""
+    """Replace what lies between the bench marker lines of `path` (each alone on its line) with `block`."""
     text = path.read_text()
-    if BEGIN not in text or END not in text.split(BEGIN, 1)[1]:
-        raise CapsnetError(f"{path} has no '{BEGIN}' ... '{END}' pair; add them where the table belongs")
-    before, rest = text.split(BEGIN, 1)
-    path.write_text(f"{before}{BEGIN}\n{block}\n{END}{rest.split(END, 1)[1]}")
+    found = re.search(f"^{re.escape(BEGIN)}$.*?^{re.escape(END)}$", text, flags=re.M | re.S)
+    if found is None:
+        raise CapsnetError(f"{path} has no '{BEGIN}' ... '{END}' lines; add them where the table belongs")
+    path.write_text(f"{text[:found.start()]}{BEGIN}\n{block}\n{END}{text[found.end():]}")
 
 
 def load(path: Path) -> dict:
