@@ -201,3 +201,27 @@ def test_spread_margin_schedule():
         SpreadLoss(ramp=0)
     built = instantiate(OmegaConf.load(ROOT / "configs/loss/spread.yaml"))
     assert isinstance(built, SpreadLoss) and built.margin == pytest.approx(0.2)
+
+
+def test_whole_network_gradient_matches_finite_differences():
+    """Conv1 -> primary -> two conv capsule layers -> class capsules -> spread loss, in float64: the analytic
+    gradient of every parameter along a random direction equals a central difference (2 EM iterations, so
+    the E-step's cross-position normalisation is on the path). A float32 cast anywhere would fail this."""
+    torch.manual_seed(0)
+    model = MatrixCapsNet((1, 16, 16), 3, A=3, B=2, C=2, D=2, conv1_stride=1,
+                          routing=functools.partial(EMRouting, iters=2, final_lambda=0.05)).double()
+    images, labels = torch.randn(2, 1, 16, 16, dtype=torch.float64), torch.tensor([0, 2])
+
+    def loss():
+        return spread_loss(model(images).scores, labels, 0.5)
+
+    grads = torch.autograd.grad(loss(), list(model.parameters()))
+    for (name, p), g in zip(model.named_parameters(), grads):
+        d, eps = torch.randn_like(p), 1e-6
+        with torch.no_grad():
+            p.add_(eps * d)
+            up = loss()
+            p.sub_(2 * eps * d)
+            down = loss()
+            p.add_(eps * d)
+        assert ((up - down) / (2 * eps)).item() == pytest.approx((g * d).sum().item(), rel=1e-4, abs=1e-8), name

@@ -28,7 +28,7 @@ def spread_loss(activations: torch.Tensor, target: torch.Tensor, margin: float) 
     `target` is class ids [B] (the paper's case: one t) or a multi-hot [B, K],
     where every (target, non-target) pair counts once.
     """
-    a = activations.float()
+    a = activations.to(torch.promote_types(activations.dtype, torch.float32))  # float32 at least, float64 kept
     t = _multi_hot(target, a.shape[-1])
     gap = a.unsqueeze(-1) - a.unsqueeze(-2)  # [B, t, i]: a_t - a_i
     pairs = t.unsqueeze(-1) * (1.0 - t).unsqueeze(-2)
