@@ -191,10 +191,13 @@ class Run:
         return values
 
     def setting(self) -> dict:
-        """The overrides that define this run (not where it reads or writes), e.g. {"routing.iters": 3, "seed": 1}."""
+        """The overrides that define this run (not where it reads or writes), e.g. {"routing.iters": 3, "seed": 1};
+        in a sweep only the swept keys, which tell its runs apart."""
         skip = ("out_dir", "dataset.root", "hydra.", "trainer.progress", "trainer.device")
         pairs = [o.lstrip("+~").split("=", 1) for o in self.overrides if "=" in o]
-        return {k: _scalar(v) for k, v in pairs if not k.startswith(skip)}
+        setting = {k: _scalar(v) for k, v in pairs if not k.startswith(skip)}
+        swept = swept_keys()
+        return {k: v for k, v in setting.items() if k in swept} if swept & set(setting) else setting
 
     def tb_dir(self) -> Path:
         """tb/<setting> (e.g. tb/routing.iters=3,seed=1), so TensorBoard's run names say what each run is."""
@@ -304,6 +307,23 @@ class Run:
             shown = ", ".join(f"{k} {v:.4g}" for k, v in evals.items() if not k.endswith("_loss"))
             print(f"epoch {self.state.epoch}/{self.t.epochs}: train loss {train.get('train/loss', float('nan')):.4f}, "
                   f"{shown} ({record['seconds']:.0f} s)", flush=True)
+
+
+def swept_keys() -> set:
+    """The keys a Hydra multirun sweeps: a preset's sweeper params and the command line's sweep overrides."""
+    if not HydraConfig.initialized() or "MULTIRUN" not in str(HydraConfig.get().mode):
+        return set()
+    import sys
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    keys = set((OmegaConf.select(HydraConfig.get(), "sweeper.params") or {}).keys())
+    args = [a for a in sys.argv[1:] if "=" in a and not a.startswith("-")]
+    try:
+        keys |= {o.key_or_group for o in OverridesParser.create().parse_overrides(args) if o.is_sweep_override()}
+    except Exception:  # noqa: BLE001  (argv of another launcher: no sweep syntax to read)
+        pass
+    return keys
 
 
 def _scalar(text: str):
