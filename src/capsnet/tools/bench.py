@@ -139,7 +139,8 @@ def run_rounds(cases: list[dict], args, runner=run_fresh, on_round=None) -> list
         got = [None] * len(cases)
         for i in rotated(cases, r):
             got[i] = runner(cases[i], args)
-            c, row = cases[i], got[i]
+            row = got[i]
+            c = cases[i] if row is None else row  # the row names the iterations a config chose itself
             result = "failed" if row is None else \
                 f"{row['ms_per_step']:8.0f} ms/step, {row['images_per_second']:7.1f} images/s"
             print(f"  round {r + 1}/{args.rounds} {c['case']:22s} {c['amp']:4s} {c['mode']:5s} batch {c['batch']:3d} "
