@@ -77,3 +77,13 @@ def test_baselines_of_the_comparisons(tmp_path, preset):
              if preset == "multimnist_baseline" else ["model.features.channels=[4,4,4]", "model.hidden=[8,8]"])
     results = run(tmp_path, [f"experiment={preset}", f"dataset.root={tmp_path}", *extra])
     assert results["steps"] == 2 and results["final"]
+
+
+def test_multimnist_runs_show_figure_5_in_tensorboard(tmp_path):
+    from helpers import event_tags
+
+    make_mnist(tmp_path, n_train=40, n_test=20)
+    run(tmp_path, ["experiment=paper_multimnist", f"dataset.root={tmp_path}", *TINY_CAPS, "model.decoder.hidden=[8]",
+                   "dataset.pairs_per_digit=2", "dataset.test_pairs=16"])
+    (run_tb,) = (tmp_path / "run" / "tb").iterdir()
+    assert "multimnist_reconstructions" in event_tags(run_tb)["images"]

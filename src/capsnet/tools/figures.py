@@ -157,6 +157,11 @@ def plot_reconstructions(images, recons, labels: list, preds: list, path: Path) 
 
 
 def plot_multimnist(images, recon_a, recon_b, labels: list, recon_classes: list, path: Path) -> Path:
+    """Figure 5 as a PNG file."""
+    return _save(multimnist_figure(images, recon_a, recon_b, labels, recon_classes), path)
+
+
+def multimnist_figure(images, recon_a, recon_b, labels: list, recon_classes: list):
     """Figure 5: the input above, the two reconstructions (green: first, red: second) below."""
     plt = _pyplot()
     n = len(images)
@@ -167,7 +172,7 @@ def plot_multimnist(images, recon_a, recon_b, labels: list, recon_classes: list,
         _show(axes[0, i], img, f"L:({l1},{l2})")
         _show(axes[1, i], over[i], f"R:({r1},{r2})")
     fig.suptitle("Figure 5: input (top); reconstructions of R's first (green) and second (red) class", fontsize=9)
-    return _save(fig, path)
+    return fig
 
 
 def plot_confusion(counts: torch.Tensor, classes: list, path: Path) -> Path:

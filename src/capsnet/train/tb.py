@@ -78,7 +78,9 @@ class TensorBoard:
                     self.writer.add_scalar(f"routing/{name}_iter{r}", value, step)
         if routing is not None and torch.isfinite(out.scores).all():
             self.writer.add_histogram("capsules/lengths", out.scores.float().cpu(), step)
-        if out.reconstructions is not None:
+        if out.reconstructions is not None and labels is not None and labels.dim() == 2:
+            self.writer.add_figure("multimnist_reconstructions", figure5(model, images, labels, out, autocast), step)
+        elif out.reconstructions is not None:
             figure = reconstruction_figure(images, out.reconstructions[:, 0], labels, out.scores.argmax(-1))
             self.writer.add_figure("reconstructions", figure, step)
 
@@ -91,6 +93,18 @@ class TensorBoard:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def figure5(model, images, labels, out, autocast):
+    """The paper's Figure 5 for multi-label inputs: the two longest capsules decoded, overlaid green and red."""
+    from capsnet.tools.figures import multimnist_figure
+
+    top2 = out.scores.topk(2, -1).indices
+    with autocast:
+        recon = model(images, top2).reconstructions.float().cpu()
+    listed = [tuple(int(k) for k in row.nonzero().flatten()[:2]) for row in labels.cpu()]
+    return multimnist_figure(images.float().cpu()[:8], recon[:8, 0], recon[:8, 1], listed[:8],
+                             [tuple(r) for r in top2.tolist()[:8]])
 
 
 def reconstruction_figure(images: torch.Tensor, recon: torch.Tensor, labels, predicted):
