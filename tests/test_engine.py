@@ -171,3 +171,14 @@ def test_evaluation_oracle_on_one_and_two_shards(monkeypatch):
     assert engine.summarize(totals, metrics) == pytest.approx({"loss": ce, "ce_loss": ce,
                                                                "accuracy": 100 * correct / n,
                                                                "error": 100 - 100 * correct / n})
+
+
+@pytest.mark.parametrize("native, chosen", [(True, "bf16"), (False, "off")])
+def test_amp_auto_picks_bf16_only_where_the_hardware_has_it(monkeypatch, tiny_data, tmp_path, native, chosen, capsys):
+    import capsnet.train.runtime as runtime
+
+    monkeypatch.setattr(runtime, "native_bf16", lambda device: native)
+    assert runtime.resolve_amp(torch.device("cpu"), "auto") == chosen
+    assert runtime.resolve_amp(torch.device("cpu"), "off") == "off"
+    fit(tiny_data, tmp_path, "trainer.epochs=1", "dataset.train_subset=32", "trainer.amp=auto")
+    assert f"amp {chosen};" in capsys.readouterr().out  # the run header says which was chosen

@@ -29,7 +29,8 @@ from capsnet.train.engine import LoopHooks, LoopState, StopRequested, evaluate, 
 from capsnet.train.outputs import eval_values, write_metrics, write_results
 from capsnet.train.perf import configure_allocator
 from capsnet.train.resume import RunLock, check_same_run
-from capsnet.train.runtime import SignalFlag, autocast_factory, resolve_device, rng_state, set_rng_state
+from capsnet.train.runtime import (SignalFlag, autocast_factory, resolve_amp, resolve_device, rng_state,
+                                   set_rng_state)
 from capsnet.train.tb import TensorBoard
 
 
@@ -56,7 +57,8 @@ class Run:
         self.out_dir = Path(cfg.out_dir or HydraConfig.get().runtime.output_dir)
         self.overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
         self.device = resolve_device(t.device)
-        self.autocast = autocast_factory(self.device, t.amp)
+        self.t.amp = resolve_amp(self.device, t.amp)  # auto: bf16 where native; the header says which
+        self.autocast = autocast_factory(self.device, self.t.amp)
         configure_allocator(t.allocator)
         if t.threads:
             torch.set_num_threads(int(t.threads))

@@ -22,8 +22,26 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Does this device compute bf16 natively (a GPU that supports it, a CPU with AVX512-BF16 or AMX)?"""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def resolve_amp(device: torch.device, amp: str) -> str:
+    """trainer.amp=auto: bf16 where the hardware has it natively, else off (fp32)."""
+    if amp != "auto":
+        return amp
+    return "bf16" if native_bf16(device) else "off"
+
+
 def autocast_factory(device: torch.device, amp: str):
-    """() -> a fresh autocast context (a no-op when amp is off)."""
+    """() -> a fresh autocast context (a no-op when amp is off); `amp` already resolved (no "auto")."""
     if amp == "off":
         return contextlib.nullcontext
     if amp == "fp16" and device.type != "cuda":
