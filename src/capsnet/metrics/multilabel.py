@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
+from capsnet.metrics.percent import PercentOfImages
 from capsnet.types import Batch, ModelOutput
 
 
@@ -38,30 +39,14 @@ def labels_in_top(scores: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Ten
     return hits, n
 
 
-class _TopNMetric:
-    """Sums one per-image value (from hits and n) over the batch; its percent over the images."""
-
-    name = "accuracy"
-    error_name: str | None = None
-
-    def __init__(self, name: str | None = None, error_name: str | None = None):
-        self.name = name or self.name
-        self.error_name = error_name or self.error_name
-        self.names = (self.name, self.error_name) if self.error_name else (self.name,)
+class _TopNMetric(PercentOfImages):
+    """A per-image value from (hits, n) of `labels_in_top`; its percent over the images."""
 
     def value(self, hits: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def sums(self, out: ModelOutput, batch: Batch) -> dict:
-        hits, n = labels_in_top(out.scores.detach(), batch.labels)
-        return {f"{self.name}/correct": self.value(hits, n).double().sum()}
-
-    def compute(self, totals: dict) -> dict:
-        acc = 100.0 * totals[f"{self.name}/correct"] / max(totals["count"], 1.0)
-        values = {self.name: acc}
-        if self.error_name:
-            values[self.error_name] = 100.0 - acc
-        return values
+    def hits(self, out: ModelOutput, batch: Batch) -> torch.Tensor:
+        return self.value(*labels_in_top(out.scores.detach(), batch.labels))
 
 
 class PairAccuracy(_TopNMetric):
