@@ -21,6 +21,21 @@ def test_parameter_counts_equal_the_papers(overrides, expected):
     assert count_parameters(build(overrides)) == expected
 
 
+@pytest.mark.parametrize("experiment, in_shape, expected, primary", [
+    ("paper_multimnist", (1, 36, 36), 11_361_808, 3_200),   # SPEC 5.1
+    ("paper_affnist", (1, 40, 40), 13_475_648, 4_608),      # SPEC 5.2, expanded MNIST
+    ("paper_cifar10", (3, 24, 24), 22_476_288, 9_216),      # SPEC 5.5, the official setting
+])
+def test_the_paper_models_of_the_other_datasets_have_their_parameter_counts(experiment, in_shape, expected,
+                                                                            primary):
+    from capsnet.train.build import build_data, compose_config
+
+    cfg = compose_config([f"experiment={experiment}"])
+    assert build_data(cfg).eval_transforms is not None  # the preset composes with its dataset
+    model = build([f"experiment={experiment}"], in_shape=in_shape)
+    assert count_parameters(model) == expected and model.class_caps.in_capsules == primary
+
+
 def test_capsnet_small_uses_its_own_routing_defaults():
     model = build(["model=capsnet_small"])
     assert model.routing.iters == 5 and model.routing.squash_name == "keras"

@@ -44,11 +44,28 @@ def parse(argv: list[str]) -> tuple[dict, list[str]]:
     return opts, overrides
 
 
+def split_readers(data) -> dict:
+    """{split name: () -> Split}: each read only when asked, so a test split can be inspected without the
+    training files (affNIST is mostly an evaluation set)."""
+    readers = {"train": data.train}
+    names = ["val", "test"] if data.val_size else ["test"]
+    readers.update({n: (lambda n=n: data.own_evals()[n]) for n in names})
+    readers.update({n: (lambda d=d: d.own_evals()["test"]) for n, d in data.extra_evals.items()})
+    return readers
+
+
 def select_split(data, name: str):
-    splits = {"train": data.train(), **data.evals()}
-    if name not in splits:
-        raise CapsnetError(f"split={name} is not a split of {data.name}: choose one of {', '.join(splits)}")
-    return splits
+    """(the chosen split, {name: size or "not readable"} of every split)."""
+    readers = split_readers(data)
+    if name not in readers:
+        raise CapsnetError(f"split={name} is not a split of {data.name}: choose one of {', '.join(readers)}")
+    chosen, sizes = readers[name](), {}
+    for other, read in readers.items():
+        try:
+            sizes[other] = f"{len(read()):,}"
+        except CapsnetError:
+            sizes[other] = "not readable"
+    return chosen, sizes
 
 
 def class_counts(labels: torch.Tensor, k: int) -> list[int]:
@@ -96,8 +113,7 @@ def inspect(argv: list[str]) -> str:
     opts, overrides = parse(argv)
     cfg = compose_config(overrides)
     data = build_data(cfg)
-    splits = select_split(data, opts["split"])
-    split = splits[opts["split"]]
+    split, sizes = select_split(data, opts["split"])
     n = min(int(opts["n"]), len(split))
     idx = torch.arange(n)
     raw, labels, targets = split.get(idx, 0)
@@ -116,7 +132,7 @@ def inspect(argv: list[str]) -> str:
         if "recon_classes" in targets:
             arrays["labels"] = targets["recon_classes"].numpy()
     np.savez_compressed(out / f"{stem}_samples.npz", **arrays)
-    sizes = ", ".join(f"{name} {len(s):,}" for name, s in splits.items())
+    sizes = ", ".join(f"{name} {size}" for name, size in sizes.items())
     counts = class_counts(split.labels, data.num_classes)
     return (f"{data.name}: {sizes} images; stored {tuple(raw.shape[1:])} {raw.dtype}, model input "
             f"{tuple(model_input.shape[1:])} {model_input.dtype}; {data.num_classes} classes\n"
