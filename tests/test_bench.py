@@ -91,6 +91,7 @@ def test_rounds_rotate_fold_to_median_and_spread_with_per_round_ratios(tmp_path,
     meta = saved["meta"]
     assert set(meta["flags"]) == set(FLAGS) and meta["threads"] >= 1 and meta["allocator"] == "keep"
     assert {"cpu", "torch", "gemm_gflops_fp32", "gemm_gflops_bf16", "load_before", "load_after"} <= set(meta)
+    assert len(meta["after_each_round"]) == 3 and meta["rounds"] == 3
     out = capsys.readouterr().out
     assert "| capsnet | bf16 | train | 2 | 3 |" in out and "(1 of 3 rounds failed)" in out
 
@@ -125,11 +126,13 @@ def test_compare_lists_common_cases_with_b_over_a(tmp_path, capsys):
 def test_markdown_prints_the_docs_block_and_docs_rewrites_only_between_markers(tmp_path, capsys):
     f = bench_json(tmp_path / "bench.json", [("conv-only", "train", 128, None, 40.0),
                                             ("capsnet", "train", 128, 3, 38.0)],
-                   command="python -m capsnet.tools.bench", load_before=[3.0, 2.0, 1.0])
+                   command="python -m capsnet.tools.bench", load_before=[3.0, 2.0, 1.0],
+                   after_each_round=[{"load": 2.5, "gemm_gflops_fp32": 30.0}, {"load": 1.5, "gemm_gflops_fp32": 190.0}])
     main(["--markdown", str(f)])
     block = capsys.readouterr().out
     assert block.startswith("`python -m capsnet.tools.bench`, on 2026-01-02: Test CPU (2 CPUs)")
     assert "measured while other work ran on the machine" in block.lower()
+    assert "load average 2.5, 1.5; fp32 GEMM probe 30, 190 GFLOP/s" in block
     assert "| capsnet | off | train | 128 | 3 | 3368 | 38.0 | 34.2-41.8 | 123 |" in block
     assert block.index("| conv-only |") < block.index("| capsnet |")
     doc = tmp_path / "perf.md"

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from capsnet.tools.bench_cases import CASES, run_case
-from capsnet.tools.bench_machine import describe, machine_record
+from capsnet.tools.bench_machine import describe, gemm_gflops, machine_record
 from capsnet.tools.bench_report import compare, fold, format_table, load, markdown, targets, write_docs
 from capsnet.train.perf import configure_allocator
 
@@ -189,13 +189,18 @@ def main(argv=None, runner=run_fresh) -> dict:
     cases = plan(args)
     print(f"capsnet.tools.bench: {describe(meta)}\n  {len(cases)} cases x {args.rounds} rounds, each in a fresh "
           f"process, {args.warmup} warm-up + median of {args.steps} steps", flush=True)
-    def save(rounds):
-        meta.update(load_after=os.getloadavg(), rounds=len(rounds))
-        result = {"meta": meta, "rows": fold(cases, rounds)}
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-        return result
+    result = {}
 
-    result = save(run_rounds(cases, args, runner, on_round=save))
+    def save(rounds):
+        """After each round: the machine's state (load, an fp32 GEMM probe: how fast it ran that round),
+        and bench.json with the rounds so far."""
+        probe = gemm_gflops(torch.float32, device, meta["gemm_n"], args.gemm_seconds) if args.gemm_seconds else None
+        meta.update(load_after=os.getloadavg(), rounds=len(rounds))
+        meta.setdefault("after_each_round", []).append({"load": os.getloadavg()[0], "gemm_gflops_fp32": probe})
+        result.update(meta=meta, rows=fold(cases, rounds))
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+
+    run_rounds(cases, args, runner, on_round=save)
     rows = result["rows"]
     print(format_table(rows) + "\n\n" + targets(rows) + f"\n\nwritten to {args.json}")
     if args.docs:

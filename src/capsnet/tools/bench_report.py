@@ -141,6 +141,12 @@ def markdown(result: dict) -> str:
             f"{machine_line(meta)}. {meta.get('rounds', '?')} rounds, each case in a fresh process "
             f"({meta.get('warmup', '?')} warm-up, median of {meta.get('steps', '?')} steps); images/s is the "
             f"median over rounds, min-max its spread, ratios the median of per-round ratios.{note}")
+    after = meta.get("after_each_round") or []
+    if after:
+        gemm = ", ".join(_f(a.get("gemm_gflops_fp32"), 0) for a in after)
+        loads = ", ".join(_f(a.get("load")) for a in after)
+        head += (f" After each round: load average {loads}; fp32 GEMM probe {gemm} GFLOP/s "
+                 "(how fast the machine ran that round).")
     parts = [head, format_table(result["rows"]), targets(result["rows"])]
     return "\n\n".join(p for p in parts if p)
 
