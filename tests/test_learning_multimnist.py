@@ -34,9 +34,10 @@ def test_multimnist_capsnet_learns_pairs_far_above_chance(real_data, tmp_path):
     """16,000 training pairs once (500 steps of batch 32, the preset's Adam 1e-3), 1,000 fixed test pairs.
 
     Calibration (2026-11-24, 2-core AMD EPYC, seed 0): pair accuracy 36.3% (error 63.7%), almost 91.9%,
-    per-label 64.1%; 225 s of CPU time (about 2 to 3 minutes of wall time on 2 quiet cores). Shorter runs
+    per-label 64.1%. Wall time under pytest: 306 s with the 2 cores shared (load average 3 to 4; the run got
+    about one core), so about 2.5 minutes on 2 quiet cores (not measured quiet). Shorter runs
     of similar models (primary stride 2) reached 30.3% in 313 steps and 17.4% in 188 (Conv1 32 channels):
-    the 25% threshold needs most of the 500 steps, sits about 11 points below what they reach and is 11x
+    the 25% threshold needs most of the 500 steps, sits about 11 points below what they give and is 11x
     chance.
     """
     started = time.perf_counter()

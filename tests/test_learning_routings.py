@@ -48,8 +48,8 @@ def test_idpa_capsnet_as_configured_builds_for_mnist_shape():
 def test_capsnet_with_self_attention_routing_learns_real_mnist(real_data, tmp_path):
     """10,000 training images once (313 steps of batch 32, Adam 1e-3), 500 test images: >= 90%.
 
-    Calibration (2026-11-24, 2-core AMD EPYC, seed 0): 95.0% (828,368 parameters); 131 s of CPU time,
-    140 s of wall time on a shared machine.
+    Calibration (2026-11-24, 2-core AMD EPYC, seed 0): 95.0% (828,368 parameters); 14 s under pytest on a
+    quiet machine, 140 s with the 2 cores shared at load average 4 to 5.
     """
     final = mnist_run(real_data, tmp_path / "run", "model=capsnet", "routing=self_attention", *SMALL_CAPSNET,
                       "dataset.train_subset=10000", "dataset.test_subset=500", "trainer.epochs=1",
@@ -62,8 +62,8 @@ def test_inverted_dot_product_capsnet_learns_real_mnist(real_data, tmp_path):
     """10,000 training images once (313 steps of batch 32, Adam 1e-3, 2 routing iterations, concurrent),
     500 test images: >= 85%.
 
-    Calibration (2026-11-24, 2-core AMD EPYC, seed 0): 95.0% (78,881 parameters); 65 s of CPU time,
-    33 s of wall time.
+    Calibration (2026-11-24, 2-core AMD EPYC, seed 0): 95.0% (78,881 parameters); 33 to 42 s of wall time
+    (load average 1 to 3).
     """
     final = mnist_run(real_data, tmp_path / "run", "model=idpa_capsnet", *SMALL_IDPA,
                       "dataset.train_subset=10000", "dataset.test_subset=500", "trainer.epochs=1",
