@@ -16,4 +16,4 @@ def test_capsnet_reaches_95_percent_on_a_slice_of_real_mnist(real_data, tmp_path
                      timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
-    assert results["test_accuracy"] >= 95.0, results
+    assert results["final"]["test/accuracy"] >= 95.0, results

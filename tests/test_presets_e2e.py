@@ -87,3 +87,13 @@ def test_multimnist_runs_show_figure_5_in_tensorboard(tmp_path):
                    "dataset.pairs_per_digit=2", "dataset.test_pairs=16"])
     (run_tb,) = (tmp_path / "run" / "tb").iterdir()
     assert "multimnist_reconstructions" in event_tags(run_tb)["images"]
+
+
+def test_the_quick_mixin_works_for_multimnist_with_few_test_digits(tmp_path):
+    """1,000 test digits cannot each have 1,000 partners: a subset takes as many as it has."""
+    from capsnet.train.build import build_data, compose_config
+
+    make_mnist(tmp_path, n_train=1600, n_test=1000)
+    data = build_data(compose_config(["experiment=paper_multimnist", "quick=on", f"dataset.root={tmp_path}"]))
+    test = data.evals()["test"]
+    assert len(data.train()) == 1500 and len(test) == 10_000 and test.pairs_per_digit == 900

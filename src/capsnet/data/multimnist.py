@@ -315,11 +315,15 @@ class MultiMNIST(TorchvisionImages):
         self.pair_shift, self.pad, self.test_seed = pair_shift, pad, test_seed
 
     def _pairs(self, split: Split, *, regenerate: bool, num_pairs, seed: int) -> MultiMNISTSplit:
+        pairs_per_digit = self.pairs_per_digit
+        if self.subsets.get(split.name) is not None:  # a few digits (quick=on): as many partners as they have
+            counts = torch.bincount(split.labels, minlength=self.num_classes)
+            pairs_per_digit = max(1, min(pairs_per_digit, int(len(split.labels) - counts.max())))
         if num_pairs == "digits":
             num_pairs = len(split.labels)
         elif num_pairs is not None:
-            num_pairs = min(num_pairs, len(split.labels) * self.pairs_per_digit)
-        return MultiMNISTSplit(split.images, split.labels, pairs_per_digit=self.pairs_per_digit,
+            num_pairs = min(num_pairs, len(split.labels) * pairs_per_digit)
+        return MultiMNISTSplit(split.images, split.labels, pairs_per_digit=pairs_per_digit,
                                num_pairs=num_pairs, shift=self.pair_shift, pad=self.pad, seed=seed,
                                regenerate=regenerate, name=split.name, transforms=split.transforms,
                                num_classes=self.num_classes)

@@ -45,6 +45,9 @@ class SelfAttentionRouting(nn.Module):
 
     def __init__(self, in_capsules: int, out_capsules: int, out_dim: int | None = None, **kwargs):
         super().__init__()
+        if kwargs.get("iters", 1) != 1:
+            raise CapsnetError(f"self-attention routing is a single pass: routing.iters={kwargs['iters']} does not "
+                               "apply to it; leave routing.iters out (or 1)")
         for name, n in (("in_capsules", in_capsules), ("out_capsules", out_capsules)):
             if int(n) != n or n < 1:
                 raise CapsnetError(f"self-attention routing: {name} must be a whole number >= 1, got {n!r}")
