@@ -30,7 +30,7 @@ class TorchvisionImages(ImageDataset):
     """
 
     def __init__(self, dataset: str, name: str | None = None, **kwargs):
-        self.dataset_path, self.cls = dataset, get_class(dataset)
+        self.cls = get_class(dataset)
         super().__init__(name=name or self.cls.__name__, **kwargs)
         self.classes = tuple(getattr(self.cls, "classes", ()) or ())
 
