@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from capsnet.data.loader import to_unit_float
+
 from capsnet.routing.naive import NaiveClassCapsules
 from capsnet.train.build import ROOT, build_loss, build_model, compose_config
 from capsnet.train.perf import release_free_memory
@@ -94,7 +96,7 @@ def inputs(spec: CaseSpec, n: int, device) -> tuple[torch.Tensor, torch.Tensor, 
 
         ds = MNIST(str(root), train=False, download=False)
         idx = torch.arange(n) % len(ds.data)
-        return ds.data[idx].unsqueeze(1).float().div(255).to(device), ds.targets[idx].to(device), "mnist"
+        return to_unit_float(ds.data[idx].unsqueeze(1)).to(device), ds.targets[idx].to(device), "mnist"
     g = torch.Generator().manual_seed(0)
     x = torch.rand(n, *spec.in_shape, generator=g)
     return x.to(device), torch.randint(0, spec.num_classes, (n,), generator=g).to(device), "noise"
