@@ -22,7 +22,6 @@ import torch
 from torch import nn
 
 from capsnet.data.loader import to_unit_float
-
 from capsnet.routing.naive import NaiveClassCapsules
 from capsnet.train.build import ROOT, build_loss, build_model, compose_config
 from capsnet.train.perf import release_free_memory
