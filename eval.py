@@ -36,6 +36,7 @@ def main(cfg: DictConfig) -> None:
             for note in result.get("notes", []):
                 print(f"note: {note}")
             print(f"wrote {out_dir / 'eval.json'} and {len(result['figures'])} figures", flush=True)
+        dist_utils.barrier()  # every rank done before any tears the process group down
     except CapsnetError as e:
         if debugging():
             raise

@@ -65,6 +65,13 @@ def any_process(flag: bool, device: torch.device) -> bool:
     return bool(t.item())
 
 
+def barrier() -> None:
+    """Wait for every process (no-op for one). Before a clean exit: a rank that tears its gloo group down while
+    another still uses it aborts that one ("terminate called without an active exception")."""
+    if is_distributed():
+        dist.barrier()
+
+
 def cleanup() -> None:
     if is_distributed():
         dist.destroy_process_group()

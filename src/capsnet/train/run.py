@@ -342,6 +342,7 @@ def train(cfg: DictConfig) -> float:
     """Train one run; returns the monitored value of the last epoch (what a sweeper optimises)."""
     try:
         results = Run(cfg).fit()
+        dist_utils.barrier()  # every rank done before any tears the process group down
     finally:
         dist_utils.cleanup()
     return results["final"].get(cfg.trainer.monitor, float("nan"))
