@@ -7,21 +7,19 @@ downloads (SPEC section 5).
 
 from __future__ import annotations
 
-import importlib
-
+from capsnet.data import readers
 from capsnet.data.source import ImageDataset, RawSplit
 from capsnet.errors import DatasetError
 
-READERS = ("affnist", "smallnorb", "svhn", "cifar10")
-
 
 class FileDataset(ImageDataset):
-    """Args: reader: one of READERS; the rest: see `ImageDataset`."""
+    """Args: reader: a name of `capsnet.data.readers.READERS`; the rest: see `ImageDataset`."""
 
     def __init__(self, reader: str, name: str | None = None, **kwargs):
-        if reader not in READERS:
-            raise DatasetError(f"dataset.reader={reader} is unknown: choose one of {', '.join(READERS)}")
-        self.reader = importlib.import_module(f"capsnet.data.readers.{reader}")
+        known = readers.READERS
+        if reader not in known:
+            raise DatasetError(f"dataset.reader={reader} is unknown: choose one of {', '.join(known)}")
+        self.reader = known[reader]
         super().__init__(name=name or reader, **kwargs)
         self.classes = tuple(self.reader.CLASSES)
 
