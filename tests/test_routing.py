@@ -196,3 +196,56 @@ def test_naive_class_capsules_equal_the_fast_ones():
     v_naive, _, c_naive = NaiveClassCapsules(layer)(u)
     torch.testing.assert_close(v_fast, v_naive, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(c_fast, c_naive, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("iters", [1, 2, 3])
+@pytest.mark.parametrize("leaky, with_bias, detach", [(False, False, False), (True, False, False),
+                                                      (False, True, False), (False, False, True),
+                                                      (True, True, True)])
+def test_class_capsules_fast_path_matches_autograd_on_explicit_votes(monkeypatch, iters, leaky, with_bias, detach):
+    """ClassCapsules makes the votes inside the routing function (chunked forward, factored backward):
+    values and gradients of u, W and the bias equal autograd through explicit products W_ij u_i."""
+    from capsnet.routing import dynamic
+
+    monkeypatch.setattr(dynamic, "_chunk_size", lambda n_in, row: 3)  # 11 lower capsules: chunks 3, 3, 3, 2
+    routing = DynamicRouting(iters, leaky=leaky, detach_intermediate=detach)
+    layer = ClassCapsules(in_capsules=11, in_dim=3, out_capsules=4, out_dim=5, routing=routing,
+                          bias=with_bias, init_std=0.5, bias_init=0.1).double()
+    u = torch.randn(3, 11, 3, dtype=torch.float64, requires_grad=True)
+    gv, gc = torch.randn(3, 4, 5, dtype=torch.float64), torch.randn(3, 11, 4, dtype=torch.float64)
+    params = [u, layer.weight] + ([layer.bias] if with_bias else [])
+
+    v, _, c = layer(u)
+    fast = torch.autograd.grad((v * gv).sum() + (c * gc).sum(), params)
+
+    w = layer.weight.view(11, 3, 4, 5)
+    u_hat = torch.stack([torch.stack([u[:, i] @ w[i, :, j] for j in range(4)], 1) for i in range(11)], 1)
+    v_ref, c_ref = autograd_routing(u_hat, iters, leaky, layer.bias, detach)
+    slow = torch.autograd.grad((v_ref * gv).sum() + (c_ref * gc).sum(), params)
+    torch.testing.assert_close(v, v_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(c, c_ref, rtol=1e-12, atol=1e-12)
+    for a, b in zip(fast, slow):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_class_capsules_fast_path_gradcheck_in_float64(monkeypatch):
+    from capsnet.routing import dynamic
+    from capsnet.nn.squash import squash
+
+    monkeypatch.setattr(dynamic, "_chunk_size", lambda n_in, row: 2)
+    u = torch.randn(2, 5, 3, dtype=torch.float64, requires_grad=True)
+    w = (torch.randn(5, 3, 4 * 2, dtype=torch.float64) * 0.5).requires_grad_(True)
+    bias = (torch.randn(4, 2, dtype=torch.float64) * 0.1).requires_grad_(True)
+    fn = lambda u, w, b: dynamic._TransformRoutingFunction.apply(u, w, b, 4, 3, squash, False, False, None)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (u, w, bias))
+
+
+def test_class_capsules_fast_path_runs_in_float32_under_bf16_autocast():
+    layer = ClassCapsules(in_capsules=20, in_dim=8, out_capsules=10, out_dim=16, init_std=0.1)
+    u = torch.randn(2, 20, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        v, _, c = layer(u.bfloat16())
+    v_ref, _, c_ref = layer(u.bfloat16().float())
+    assert v.dtype == c.dtype == torch.float32
+    torch.testing.assert_close(v, v_ref)
+    torch.testing.assert_close(c, c_ref)

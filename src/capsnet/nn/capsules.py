@@ -127,4 +127,8 @@ class ClassCapsules(nn.Module):
 
     def forward(self, u: torch.Tensor) -> RoutingOutput:
         """u [B, I, in_dim] -> RoutingOutput(v [B, J, D], activations [B, J], couplings [B, I, J])."""
+        # The fast path makes the votes inside the routing; a recording routing (diagnostics) gets them
+        # as its input instead, where `capsnet.routing.diagnostics` reads them.
+        if not self.shared_transform and hasattr(self.routing, "route_transformed") and not self.routing.record:
+            return self.routing.route_transformed(u, self.weight, self.out_capsules, bias=self.bias)
         return self.routing(self.predictions(u), bias=self.bias)

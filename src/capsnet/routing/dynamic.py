@@ -61,31 +61,69 @@ def _outer_sum(a: torch.Tensor, g: torch.Tensor, shape, stride, chunks: int = 8)
     return out
 
 
+def _route(u: torch.Tensor, bias, iters: int, squash, leaky: bool):
+    """Procedure 1's loop on u_hat read as u [B, J, I, D]: (v, c of the last iteration, every c, every s)."""
+    bsz, n_out, n_in, _ = u.shape
+    b = u.new_zeros(bsz, n_out, n_in)
+    cs, ss = [], []
+    for r in range(iters):
+        c = coupling_softmax(b, 1, leaky)  # over the upper capsules j
+        s = torch.matmul(c.unsqueeze(2), u).squeeze(2)  # sum_i c_ij u_hat_j|i  [B, J, D]
+        if bias is not None:
+            s = s + bias
+        v = squash(s)
+        cs.append(c)
+        ss.append(s)
+        if r < iters - 1:
+            b = b + _agreement(u, v)
+    return v, c, cs, ss
+
+
+def _route_backward(u, cs, ss, grad_v, grad_c, squash, detach: bool, has_bias: bool):
+    """The routing loop run backwards. The gradient with respect to u_hat is a sum of outer products,
+    grad[b, j, i, :] = sum_k left[b, j, i, k] right[b, j, k, :]; it is returned as those two factors
+    (left [B, J, I, K], right [B, J, K, D]) for the caller to expand in the layout it needs, with the
+    gradient of the bias on s (or None)."""
+    iters = len(cs)
+    left, right = [], []
+    grad_bias = torch.zeros_like(ss[0][0]) if has_bias else None
+    gb_next = None  # gradient w.r.t. b_{r+1}
+    for r in reversed(range(iters)):
+        if r == iters - 1:
+            gv = grad_v if grad_v is not None else torch.zeros_like(ss[r])
+        else:  # b_{r+1} = b_r + u . v_r
+            gv = torch.matmul(gb_next.unsqueeze(2), u).squeeze(2)
+            if not detach:
+                left.append(gb_next)
+                right.append(squash(ss[r]))
+        gs = _squash_vjp(squash, ss[r], gv)
+        if grad_bias is not None:
+            grad_bias += gs.sum(0)
+        if r == iters - 1 or not detach:
+            left.append(cs[r])
+            right.append(gs)
+        gc = _agreement(u, gs)
+        if r == iters - 1 and grad_c is not None:
+            gc = gc + grad_c
+        c = cs[r]
+        gb = c * (gc - (c * gc).sum(1, keepdim=True))  # softmax backward (leaky too: the sink has no grad)
+        gb_next = gb if gb_next is None else gb + gb_next
+    return torch.stack(left, -1), torch.stack(right, 2), grad_bias
+
+
 class _RoutingFunction(torch.autograd.Function):
-    """Routing on u_hat [B, I, J, D] with a hand-written backward.
+    """Routing on given votes u_hat [B, I, J, D] with a hand-written backward.
 
     u_hat is read as [B, J, I, D]; the one copy that layout may need happens
     here, outside autograd. The gradient is returned in u_hat's own memory
     layout, filled chunk by chunk, so autograd needs no full-size copy of it on
-    the way back to the transform matrices.
+    the way back.
     """
 
     @staticmethod
     def forward(ctx, u_hat, bias, iters, squash, leaky, detach_intermediate, record):
         u = u_hat.transpose(1, 2).contiguous()  # [B, J, I, D]: the one copy of u_hat
-        bsz, n_out, n_in, _ = u.shape
-        b = u.new_zeros(bsz, n_out, n_in)
-        cs, ss = [], []
-        for r in range(iters):
-            c = coupling_softmax(b, 1, leaky)  # over the upper capsules j
-            s = torch.matmul(c.unsqueeze(2), u).squeeze(2)  # sum_i c_ij u_hat_j|i  [B, J, D]
-            if bias is not None:
-                s = s + bias
-            v = squash(s)
-            cs.append(c)
-            ss.append(s)
-            if r < iters - 1:
-                b = b + _agreement(u, v)
+        v, c, cs, ss = _route(u, bias, iters, squash, leaky)
         if record is not None:
             record.extend(x.detach().transpose(1, 2) for x in cs)
         ctx.save_for_backward(u, *cs, *ss)
@@ -96,35 +134,83 @@ class _RoutingFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_v, grad_c):
         u, *saved = ctx.saved_tensors
-        iters, squash = ctx.iters, ctx.squash
-        cs, ss = saved[:iters], saved[iters:]
-        left, right = [], []  # grad_u = sum over pairs of left[k] (x) right[k]
-        grad_bias = torch.zeros_like(ss[0][0]) if ctx.has_bias else None
-        gb_next = None  # gradient w.r.t. b_{r+1}
-        for r in reversed(range(iters)):
-            if r == iters - 1:
-                gv = grad_v if grad_v is not None else torch.zeros_like(ss[r])
-            else:  # b_{r+1} = b_r + u . v_r
-                gv = torch.matmul(gb_next.unsqueeze(2), u).squeeze(2)
-                if not ctx.detach:
-                    left.append(gb_next)
-                    right.append(squash(ss[r]))
-            gs = _squash_vjp(squash, ss[r], gv)
-            if grad_bias is not None:
-                grad_bias += gs.sum(0)
-            if r == iters - 1 or not ctx.detach:
-                left.append(cs[r])
-                right.append(gs)
-            gc = _agreement(u, gs)
-            if r == iters - 1 and grad_c is not None:
-                gc = gc + grad_c
-            c = cs[r]
-            gb = c * (gc - (c * gc).sum(1, keepdim=True))  # softmax backward (leaky too: the sink has no grad)
-            gb_next = gb if gb_next is None else gb + gb_next
-        grad_u = None
-        if ctx.needs_input_grad[0]:
-            grad_u = _outer_sum(torch.stack(left, -1), torch.stack(right, 2), ctx.in_shape, ctx.in_stride)
+        cs, ss = saved[:ctx.iters], saved[ctx.iters:]
+        left, right, grad_bias = _route_backward(u, cs, ss, grad_v, grad_c, ctx.squash, ctx.detach, ctx.has_bias)
+        grad_u = _outer_sum(left, right, ctx.in_shape, ctx.in_stride) if ctx.needs_input_grad[0] else None
         return grad_u, grad_bias, None, None, None, None, None
+
+
+def _chunk_size(n_in: int, row_elements: int, target: int = 2 ** 19) -> int:
+    """Lower capsules per chunk so that a chunk's votes ([chunk, B, J*D]) stay in cache (~2 MB in float32)."""
+    return max(1, min(n_in, target // max(row_elements, 1)))
+
+
+def _votes(u: torch.Tensor, weight: torch.Tensor, n_out: int) -> torch.Tensor:
+    """u_hat = W_ij u_i for u [B, I, K] and weight [I, K, J*D], laid out as [B, J, I, D] for the routing.
+
+    One batched matmul per chunk of lower capsules, each chunk moved into place while it is still in
+    cache: cheaper than one matmul for all and a transposing copy of the 94 MB result (MNIST, batch 128).
+    """
+    bsz, n_in, _ = u.shape
+    dim = weight.shape[-1] // n_out
+    u_t = u.transpose(0, 1)  # [I, B, K]
+    out = u.new_empty(bsz, n_out, n_in, dim)
+    step = _chunk_size(n_in, bsz * n_out * dim)
+    for i0 in range(0, n_in, step):
+        part = torch.bmm(u_t[i0:i0 + step], weight[i0:i0 + step])  # [chunk, B, J*D]
+        out[:, :, i0:i0 + step].copy_(part.view(-1, bsz, n_out, dim).permute(1, 2, 0, 3))
+    return out
+
+
+def _transform_backward(left, right, u, weight, need_u: bool, need_w: bool):
+    """Gradients of u [B, I, K] and weight [I, K, J*D] from the routing's factors (`_route_backward`).
+
+    The gradient of u_hat is never formed whole: a chunk of lower capsules at a time it is expanded
+    from the factors, in cache, and at once multiplied into both gradients.
+    """
+    bsz, n_out, n_in, _ = left.shape
+    dim = right.shape[-1]
+    u_t = u.transpose(0, 1)  # [I, B, K]
+    grad_u_t = u.new_empty(n_in, bsz, u.shape[-1]) if need_u else None
+    grad_w = torch.empty_like(weight) if need_w else None
+    step = _chunk_size(n_in, bsz * n_out * dim)
+    for i0 in range(0, n_in, step):
+        g = torch.matmul(left[:, :, i0:i0 + step], right)  # [B, J, chunk, D]
+        g = g.permute(2, 0, 1, 3).reshape(-1, bsz, n_out * dim)  # [chunk, B, J*D]
+        if need_w:
+            torch.bmm(u_t[i0:i0 + step].transpose(1, 2), g, out=grad_w[i0:i0 + step])
+        if need_u:
+            torch.bmm(g, weight[i0:i0 + step].transpose(1, 2), out=grad_u_t[i0:i0 + step])
+    return (grad_u_t.transpose(0, 1) if need_u else None), grad_w
+
+
+class _TransformRoutingFunction(torch.autograd.Function):
+    """u_hat = W u and the routing in one function: ClassCapsules' fast path.
+
+    Forward: the votes are made chunk by chunk straight into the routing's
+    layout. Backward: the routing's gradient stays factored (one outer product
+    per use of u_hat) and is expanded a chunk at a time into the gradients of u
+    and W, so no full-size gradient of u_hat is ever written or read.
+    `tests/test_routing.py` checks values and gradients against autograd.
+    """
+
+    @staticmethod
+    def forward(ctx, u_in, weight, bias, n_out, iters, squash, leaky, detach_intermediate, record):
+        u = _votes(u_in, weight, n_out)
+        v, c, cs, ss = _route(u, bias, iters, squash, leaky)
+        if record is not None:
+            record.extend(x.detach().transpose(1, 2) for x in cs)
+        ctx.save_for_backward(u, u_in, weight, *cs, *ss)
+        ctx.iters, ctx.squash, ctx.has_bias, ctx.detach = iters, squash, bias is not None, detach_intermediate
+        return v, c
+
+    @staticmethod
+    def backward(ctx, grad_v, grad_c):
+        u, u_in, weight, *saved = ctx.saved_tensors
+        cs, ss = saved[:ctx.iters], saved[ctx.iters:]
+        left, right, grad_bias = _route_backward(u, cs, ss, grad_v, grad_c, ctx.squash, ctx.detach, ctx.has_bias)
+        grad_u, grad_w = _transform_backward(left, right, u_in, weight, *ctx.needs_input_grad[:2])
+        return grad_u, grad_w, grad_bias, None, None, None, None, None, None
 
 
 class DynamicRouting(nn.Module):
@@ -163,11 +249,27 @@ class DynamicRouting(nn.Module):
         """
         with torch.autocast(votes.device.type, enabled=False):
             u_hat = at_least_float32(votes)
-            couplings: list | None = [] if self.record else None
-            v, c = _RoutingFunction.apply(u_hat, None if bias is None else bias.to(u_hat.dtype), self.iters,
-                                          self.squash, self.leaky, self.detach_intermediate, couplings)
-            self.recorded = {"couplings": couplings} if self.record else {}
-            lengths = torch.sqrt(v.square().sum(-1) + 1e-12)
+            return self._route(_RoutingFunction.apply, u_hat, self._bias(bias, u_hat.dtype))
+
+    def route_transformed(self, u: torch.Tensor, weight: torch.Tensor, n_out: int,
+                          bias: torch.Tensor | None = None) -> RoutingOutput:
+        """The same routing of the votes u_hat[j|i] = W_ij u_i, given u [batch, n_in, in_dim] and
+        weight [n_in, in_dim, n_out * dim] instead of the votes (`ClassCapsules` calls this): the votes
+        are made and their gradient taken inside one function, with no full-size intermediate."""
+        with torch.autocast(u.device.type, enabled=False):
+            dtype = torch.promote_types(at_least_float32(u).dtype, at_least_float32(weight).dtype)
+            return self._route(_TransformRoutingFunction.apply, u.to(dtype), weight.to(dtype),
+                               self._bias(bias, dtype), n_out)
+
+    @staticmethod
+    def _bias(bias, dtype):
+        return None if bias is None else bias.to(dtype)
+
+    def _route(self, apply, *inputs) -> RoutingOutput:
+        couplings: list | None = [] if self.record else None
+        v, c = apply(*inputs, self.iters, self.squash, self.leaky, self.detach_intermediate, couplings)
+        self.recorded = {"couplings": couplings} if self.record else {}
+        lengths = torch.sqrt(v.square().sum(-1) + 1e-12)
         return RoutingOutput(v, lengths, c.transpose(1, 2))
 
     def extra_repr(self) -> str:
