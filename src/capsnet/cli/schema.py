@@ -97,6 +97,7 @@ class AdamSchema:
 
     lr: float = 1e-3
     weight_decay: float = 0.0
+    fused: bool = True
     decay_rate: float = 0.96
     decay_steps: int = 2000
     optimizer: Any = None
@@ -110,6 +111,7 @@ class SGDMultiStepSchema:
     lr: float = 0.1
     weight_decay: float = 5e-4
     momentum: float = 0.9
+    fused: bool = True
     gamma: float = 0.1
     milestones: List[int] = field(default_factory=list)
     optimizer: Any = None

@@ -23,7 +23,7 @@ from torch import nn
 
 from capsnet.data.loader import to_unit_float
 from capsnet.routing.naive import NaiveClassCapsules
-from capsnet.train.build import ROOT, build_loss, build_model, compose_config
+from capsnet.train.build import ROOT, build_loss, build_model, build_optimizer, compose_config
 from capsnet.train.perf import release_free_memory
 from capsnet.types import Batch
 
@@ -65,7 +65,8 @@ class ConvBound(nn.Module):
 
 
 def build_case(name: str, iters: int | None):
-    """(model, loss, routing iterations actually used) for a case name of `CASES`."""
+    """(model, loss, optimizer, routing iterations actually used) for a case name of `CASES`; the
+    conv-only bound has no loss and no optimizer."""
     spec = CASES[name]
     probe = compose_config(list(spec.overrides))
     has_iters = "iters" in (probe.get("routing") or {})
@@ -75,8 +76,9 @@ def build_case(name: str, iters: int | None):
     if spec.wrap == "naive":
         model.class_caps = NaiveClassCapsules(model.class_caps)
     if spec.wrap == "conv-only":
-        return ConvBound(model), None, None
-    return model, build_loss(cfg), cfg.routing.get("iters") if has_iters else None
+        return ConvBound(model), None, None, None
+    optimizer, _ = build_optimizer(cfg, model)  # the config's optimizer, as train.py builds it
+    return model, build_loss(cfg), optimizer, cfg.routing.get("iters") if has_iters else None
 
 
 def data_root() -> Path | None:
@@ -153,8 +155,8 @@ def time_steps(step, warmup: int, steps: int, device) -> tuple[float, float | No
     return statistics.median(times), memory.peak_mb()
 
 
-def make_step(model, crit, train: bool, x, y, autocast, scaler=None):
-    """A training step (forward, the config's loss, backward, Adam) or an inference forward pass.
+def make_step(model, crit, opt, train: bool, x, y, autocast, scaler=None):
+    """A training step (forward, the config's loss, backward, the config's optimizer) or an inference pass.
     The conv-only bound (crit None) sums its output as its loss and takes no optimiser step."""
     if not train:
         model.eval()
@@ -166,21 +168,20 @@ def make_step(model, crit, train: bool, x, y, autocast, scaler=None):
 
         return infer
     model.train()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     batch = Batch(x, y)
 
     def train_step():
         with autocast():
             out = model(x, y.unsqueeze(1))
             loss = out.float().sum() if crit is None else crit(out, batch)["loss"]
-        opt.zero_grad(set_to_none=True)
+        model.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
         else:
             loss.backward()
-            if crit is not None:
+            if opt is not None:
                 opt.step()
 
     return train_step
@@ -191,7 +192,7 @@ def run_case(case: dict, *, device, warmup: int, steps: int, compile: bool = Fal
     """Time one case here and now; the row the parent process reads back (one JSON line)."""
     torch.manual_seed(0)
     spec = CASES[case["case"]]
-    model, crit, iters = build_case(case["case"], case.get("iters"))
+    model, crit, opt, iters = build_case(case["case"], case.get("iters"))
     model = model.to(device)
     x, y, source = inputs(spec, case["batch"], device)
     if channels_last:
@@ -202,7 +203,7 @@ def run_case(case: dict, *, device, warmup: int, steps: int, compile: bool = Fal
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(case["amp"])
     autocast = partial(torch.autocast, device.type, dtype=dtype) if dtype else contextlib.nullcontext
     scaler = torch.amp.GradScaler(device.type) if case["amp"] == "fp16" and crit is not None else None
-    step = make_step(model, crit, case["mode"] == "train", x, y, autocast, scaler)
+    step = make_step(model, crit, opt, case["mode"] == "train", x, y, autocast, scaler)
     seconds, peak = time_steps(step, warmup, steps, device)
     return {**case, "iters": iters, "input": source, "pid": os.getpid(), "ms_per_step": 1000 * seconds,
             "images_per_second": case["batch"] / seconds, "peak_mb": peak}

@@ -23,7 +23,8 @@ from capsnet.errors import CapsnetError
 MAY_DIFFER = ("out_dir", "trainer.epochs", "trainer.steps", "trainer.resume", "trainer.progress", "trainer.log_every",
               "trainer.ckpt_every_steps", "trainer.num_workers", "trainer.threads", "trainer.dist_timeout_s",
               "trainer.stop_at", "trainer.eval_batch_size", "trainer.allocator", "trainer.device",
-              "trainer.keep_checkpoints", "dataset.root", "dataset.download")
+              "trainer.keep_checkpoints", "dataset.root", "dataset.download", "optim.fused",
+              "optim.optimizer.fused")
 
 
 def _flat(node, prefix: str = "") -> dict:
