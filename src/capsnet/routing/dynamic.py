@@ -102,6 +102,8 @@ def _route_backward(u, cs, ss, grad_v, grad_c, squash, detach: bool, has_bias: b
         if r == iters - 1 or not detach:
             left.append(cs[r])
             right.append(gs)
+        if r == 0:  # b_0 = 0 is a constant: nothing flows through the first couplings
+            break
         gc = _agreement(u, gs)
         if r == iters - 1 and grad_c is not None:
             gc = gc + grad_c
