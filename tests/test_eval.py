@@ -224,6 +224,15 @@ def test_subset_and_bf16_overrides_evaluate(runs, tmp_path):
     assert correct == pytest.approx(round(correct))
 
 
+def test_amp_auto_is_resolved_as_train_py_resolves_it(runs, tmp_path):
+    from capsnet.train.runtime import resolve_amp
+
+    _, _, (a, _) = runs
+    result = evaluate_checkpoints(str(a / "checkpoints" / "last.pt"), tmp_path,
+                                  ["dataset.test_subset=20", "trainer.amp=auto"], NO_FIGURES)
+    assert result["amp"] == resolve_amp(torch.device("cpu"), "auto")
+
+
 def test_eval_py_command_line(runs, tmp_path):
     """The one true subprocess: `python eval.py ckpt=... dataset.test_subset=...` writes eval.json and figures."""
     _, _, (a, _) = runs

@@ -339,6 +339,7 @@ def ensemble_metrics(collected: list[dict], metrics: dict, device) -> dict:
 class Runtime:
     device: torch.device
     autocast: object
+    amp: str
     rank: int
     world: int
 
@@ -346,17 +347,18 @@ class Runtime:
 def setup_runtime(cfg: DictConfig) -> Runtime:
     """Device, autocast and process group from the (first) run's trainer settings, as the run had them."""
     from capsnet.train import distributed as dist_utils
-    from capsnet.train.runtime import autocast_factory, resolve_device
+    from capsnet.train.runtime import autocast_factory, resolve_amp, resolve_device
 
     t = cfg.trainer
     device = resolve_device(t.device)
-    autocast = autocast_factory(device, t.amp)
+    amp = resolve_amp(device, t.amp)  # trainer.amp=auto: as train.py chose it on this machine
+    autocast = autocast_factory(device, amp)
     if t.threads:
         torch.set_num_threads(int(t.threads))
     rank, world, local = dist_utils.init_distributed(device.type, t.dist_timeout_s)
     if device.type == "cuda":
         device = torch.device("cuda", local)
-    return Runtime(device, autocast, rank, world)
+    return Runtime(device, autocast, amp, rank, world)
 
 
 def build_loaders(cfg: DictConfig, rt: Runtime):
@@ -436,7 +438,7 @@ def _routing_entry(routing: dict, num_classes: int) -> dict | None:
 def _result(members: list[Member], data_name: str, sets: list, rt: Runtime, overrides: list[str], split: str) -> dict:
     t = members[0].cfg.trainer
     return {"checkpoints": [str(m.path) for m in members], "dataset": data_name, "sets": sets,
-            "run_overrides": overrides, "device": str(rt.device), "amp": t.amp, "world_size": rt.world,
+            "run_overrides": overrides, "device": str(rt.device), "amp": rt.amp, "world_size": rt.world,
             "eval_batch_size": t.eval_batch_size, "figures_split": split,
             "members": [m.results for m in members], "metrics": members[0].results["metrics"], "ensemble": None}
 
