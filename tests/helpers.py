@@ -26,7 +26,8 @@ TINY_CAPSNET = ["model.features.channels=[8]", "model.primary.capsules=2", "mode
 
 
 # Settings that make a run quiet and offline; tests add their own sizes.
-FAST = ["trainer.progress=false", "dataset.download=false", "trainer.batch_size=32", *TINY_CAPSNET]
+# fp32 (trainer.amp=off): the tests compare numbers; the auto default is tested by itself (test_engine.py).
+FAST = ["trainer.progress=false", "dataset.download=false", "trainer.batch_size=32", "trainer.amp=off", *TINY_CAPSNET]
 
 
 def weights(out_dir: Path) -> dict:

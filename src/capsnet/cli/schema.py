@@ -62,7 +62,7 @@ class TrainerSchema:
     batch_size: int = 128  # global: split evenly over the processes of a torchrun/Slurm job
     eval_batch_size: int = 256  # per process
     device: Device = Device.auto  # auto | cpu | cuda
-    amp: Amp = Amp.off  # off | bf16 | fp16 (fp16 needs CUDA; adds a grad scaler) | auto (bf16 where native)
+    amp: Amp = Amp.auto  # auto: bf16 where native, else off (fp32) | off | bf16 | fp16 (CUDA; adds a grad scaler)
     num_workers: int = 0  # batches are built from in-memory tensors: workers rarely pay
     threads: Optional[int] = None  # torch.set_num_threads; null: PyTorch's default
     allocator: Allocator = Allocator.keep  # keep: glibc keeps freed memory for reuse (faster CPU steps)
