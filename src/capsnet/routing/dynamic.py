@@ -143,8 +143,14 @@ class _RoutingFunction(torch.autograd.Function):
 
 
 def _chunk_size(n_in: int, row_elements: int, target: int = 2 ** 19) -> int:
-    """Lower capsules per chunk so that a chunk's votes ([chunk, B, J*D]) stay in cache (~2 MB in float32)."""
+    """Lower capsules per chunk so that a chunk's votes ([chunk, B, J*D]) stay in a CPU's cache (~2 MB in
+    float32). A GPU takes them all at once: there, each chunk would cost kernel launches, not cache."""
     return max(1, min(n_in, target // max(row_elements, 1)))
+
+
+def _chunk(u: torch.Tensor, row_elements: int) -> int:
+    n_in = u.shape[1]
+    return _chunk_size(n_in, row_elements) if u.device.type == "cpu" else n_in
 
 
 def _votes(u: torch.Tensor, weight: torch.Tensor, n_out: int) -> torch.Tensor:
@@ -157,7 +163,7 @@ def _votes(u: torch.Tensor, weight: torch.Tensor, n_out: int) -> torch.Tensor:
     dim = weight.shape[-1] // n_out
     u_t = u.transpose(0, 1)  # [I, B, K]
     out = u.new_empty(bsz, n_out, n_in, dim)
-    step = _chunk_size(n_in, bsz * n_out * dim)
+    step = _chunk(u, bsz * n_out * dim)
     for i0 in range(0, n_in, step):
         part = torch.bmm(u_t[i0:i0 + step], weight[i0:i0 + step])  # [chunk, B, J*D]
         out[:, :, i0:i0 + step].copy_(part.view(-1, bsz, n_out, dim).permute(1, 2, 0, 3))
@@ -175,7 +181,7 @@ def _transform_backward(left, right, u, weight, need_u: bool, need_w: bool):
     u_t = u.transpose(0, 1)  # [I, B, K]
     grad_u_t = u.new_empty(n_in, bsz, u.shape[-1]) if need_u else None
     grad_w = torch.empty_like(weight) if need_w else None
-    step = _chunk_size(n_in, bsz * n_out * dim)
+    step = _chunk(u, bsz * n_out * dim)
     for i0 in range(0, n_in, step):
         g = torch.matmul(left[:, :, i0:i0 + step], right)  # [B, J, chunk, D]
         g = g.permute(2, 0, 1, 3).reshape(-1, bsz, n_out * dim)  # [chunk, B, J*D]
