@@ -85,7 +85,9 @@ class FeatureCapsules(nn.Module):
 class ClassCapsules(nn.Module):
     """DigitCaps: u_hat[j|i] = W_ij u_i for every pair, then routing to `out_capsules`.
 
-    One batched matmul over i (never a per-sample copy of W). With
+    One batched matmul over i (never a per-sample copy of W); with dynamic
+    routing the votes are made inside the routing's own autograd function
+    (`DynamicRouting.route_transformed`), which saves memory traffic. With
     `shared_transform` one W serves every lower capsule (Keras variant);
     `bias` adds the official code's learned bias to s before the squash,
     starting at `bias_init` (official: 0.1, layers.py line 177). `init`:
