@@ -150,6 +150,21 @@ def test_markdown_prints_the_docs_block_and_docs_rewrites_only_between_markers(t
         main(["--markdown", str(f), "--docs", str(doc)])
 
 
+def test_a_busy_cpu_sample_decides_whether_the_machine_was_loaded(tmp_path, capsys):
+    """The second before the run decides, not the lagging 1-minute load average; the sampler reads /proc/stat."""
+    from capsnet.tools.bench_machine import cpu_busy
+
+    rows = [("conv-only", "train", 128, None, 40.0), ("capsnet", "train", 128, 3, 38.0)]
+    for busy, loaded in ((0.05, False), (0.6, True)):
+        main(["--markdown", str(bench_json(tmp_path / "b.json", rows, load_before=[1.5, 1.0, 1.0],
+                                           busy_before=busy))])
+        block = capsys.readouterr().out
+        assert ("other work ran" in block) == loaded, block
+        assert f"{busy:.0%} of the CPUs busy in the second before the run" in block
+    busy = cpu_busy(0.05)
+    assert busy is None or 0.0 <= busy <= 1.0
+
+
 def test_machine_record_parts():
     info = cpu_info()
     assert set(info["flags"]) == set(FLAGS) and info["cpus"] >= 1

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from capsnet.tools.bench_cases import CASES, run_case
-from capsnet.tools.bench_machine import describe, gemm_gflops, machine_record
+from capsnet.tools.bench_machine import cpu_busy, describe, gemm_gflops, machine_record
 from capsnet.tools.bench_report import compare, fold, format_table, load, markdown, targets, write_docs
 from capsnet.train.perf import configure_allocator
 
@@ -177,14 +177,14 @@ def main(argv=None, runner=run_fresh) -> dict:
         else:
             print(block)
         return {}
-    load_before = os.getloadavg()
+    load_before, busy_before = os.getloadavg(), cpu_busy()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     meta = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
             "command": shlex.join(["python", "-m", "capsnet.tools.bench", *argv]),
             **machine_record(device, args.allocator, args.gemm_seconds), "device": str(device),
-            "load_before": load_before, "rounds": args.rounds, "warmup": args.warmup, "steps": args.steps,
+            "load_before": load_before, "busy_before": busy_before, "rounds": args.rounds, "warmup": args.warmup, "steps": args.steps,
             "compile": args.compile, "channels_last": args.channels_last}
     cases = plan(args)
     print(f"capsnet.tools.bench: {describe(meta)}\n  {len(cases)} cases x {args.rounds} rounds, each in a fresh "

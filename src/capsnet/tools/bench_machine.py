@@ -58,6 +58,22 @@ def gemm_gflops(dtype: torch.dtype, device: torch.device, n: int, seconds: float
     return 2 * n ** 3 / best / 1e9
 
 
+def cpu_busy(seconds: float = 1.0) -> float | None:
+    """Fraction of all CPUs busy over `seconds` (from /proc/stat), before anything of ours runs: the
+    one-minute load average lags by a minute and would count the previous command's work."""
+    def sample():
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        return sum(fields), fields[3] + (fields[4] if len(fields) > 4 else 0)  # total, idle + iowait
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(seconds)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    return None if total1 <= total0 else 1.0 - (idle1 - idle0) / (total1 - total0)
+
+
 def machine_record(device: torch.device, allocator: str, gemm_seconds: float = 0.5) -> dict:
     """Everything the figures depend on besides the code: CPU, GPU, threads, torch, allocator, GEMM peaks."""
     n = 8192 if device.type == "cuda" else 1024

@@ -140,7 +140,11 @@ def _pct(v) -> str:
 
 
 def loaded(meta: dict) -> bool:
-    """Other work on the machine: the 1-minute load average before the run was at least half a CPU."""
+    """Other work on the machine: a quarter of the CPUs busy in the second before the run (older files:
+    the 1-minute load average at least half a CPU)."""
+    busy = meta.get("busy_before")
+    if busy is not None:
+        return busy >= 0.25
     load = meta.get("load_before")
     return bool(load) and load[0] >= 0.5
 
@@ -148,8 +152,11 @@ def loaded(meta: dict) -> bool:
 def markdown(result: dict) -> str:
     """The docs block: the command, date and machine, the table, the targets."""
     meta = result["meta"]
-    note = (f" Measured while other work ran on the machine (load average {meta['load_before'][0]:.1f} before "
-            f"the run, {meta['load_after'][0]:.1f} after, on {meta.get('cpus')} CPUs).") if loaded(meta) else ""
+    busy = meta.get("busy_before")
+    busy = f"{busy:.0%} of the CPUs busy in the second before the run, " if busy is not None else ""
+    note = (f" Measured while other work ran on the machine ({busy}load average {meta['load_before'][0]:.1f} "
+            f"before the run, {meta['load_after'][0]:.1f} after, on {meta.get('cpus')} CPUs).") if loaded(meta) else \
+        (f" The machine was quiet before the run ({busy.rstrip(', ')})." if busy else "")
     head = (f"`{meta.get('command', 'python -m capsnet.tools.bench')}`, on {meta.get('date', '?')[:10]}: "
             f"{machine_line(meta)}. {meta.get('rounds', '?')} rounds, each case in a fresh process "
             f"({meta.get('warmup', '?')} warm-up, median of {meta.get('steps', '?')} steps); images/s is the "
