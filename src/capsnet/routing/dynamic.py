@@ -122,6 +122,26 @@ def _route_backward(u, cs, ss, grad_v, grad_c, squash, detach: bool, has_bias: b
     return torch.stack(left, -1), torch.stack(right, 2), grad_bias
 
 
+def _route_and_save(ctx, u, inputs: tuple, bias, iters, squash, leaky, detach, record):
+    """Both functions' forward once the votes u [B, J, I, D] are in place: the loop, the optional
+    recording, and what the backward needs (u, the function's own `inputs`, every c and s)."""
+    v, c, cs, ss = _route(u, bias, iters, squash, leaky)
+    if record is not None:
+        record.extend(x.detach().transpose(1, 2) for x in cs)
+    ctx.save_for_backward(u, *inputs, *cs, *ss)
+    ctx.n_inputs, ctx.iters, ctx.squash = len(inputs), iters, squash
+    ctx.has_bias, ctx.detach = bias is not None, detach
+    return v, c
+
+
+def _backward_factors(ctx, grad_v, grad_c):
+    """(the saved `inputs`, left, right, gradient of the bias): `_route_backward` on what was saved."""
+    u, *saved = ctx.saved_tensors
+    inputs, saved = saved[:ctx.n_inputs], saved[ctx.n_inputs:]
+    cs, ss = saved[:ctx.iters], saved[ctx.iters:]
+    return (inputs, *_route_backward(u, cs, ss, grad_v, grad_c, ctx.squash, ctx.detach, ctx.has_bias))
+
+
 class _RoutingFunction(torch.autograd.Function):
     """Routing on given votes u_hat [B, I, J, D] with a hand-written backward.
 
@@ -134,19 +154,12 @@ class _RoutingFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u_hat, bias, iters, squash, leaky, detach_intermediate, record):
         u = u_hat.transpose(1, 2).contiguous()  # [B, J, I, D]: the one copy of u_hat
-        v, c, cs, ss = _route(u, bias, iters, squash, leaky)
-        if record is not None:
-            record.extend(x.detach().transpose(1, 2) for x in cs)
-        ctx.save_for_backward(u, *cs, *ss)
         ctx.in_shape, ctx.in_stride = u_hat.shape, u_hat.stride()
-        ctx.iters, ctx.squash, ctx.has_bias, ctx.detach = iters, squash, bias is not None, detach_intermediate
-        return v, c
+        return _route_and_save(ctx, u, (), bias, iters, squash, leaky, detach_intermediate, record)
 
     @staticmethod
     def backward(ctx, grad_v, grad_c):
-        u, *saved = ctx.saved_tensors
-        cs, ss = saved[:ctx.iters], saved[ctx.iters:]
-        left, right, grad_bias = _route_backward(u, cs, ss, grad_v, grad_c, ctx.squash, ctx.detach, ctx.has_bias)
+        _, left, right, grad_bias = _backward_factors(ctx, grad_v, grad_c)
         grad_u = _outer_sum(left, right, ctx.in_shape, ctx.in_stride) if ctx.needs_input_grad[0] else None
         return grad_u, grad_bias, None, None, None, None, None
 
@@ -214,18 +227,11 @@ class _TransformRoutingFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u_in, weight, bias, n_out, iters, squash, leaky, detach_intermediate, record):
         u = _votes(u_in, weight, n_out)
-        v, c, cs, ss = _route(u, bias, iters, squash, leaky)
-        if record is not None:
-            record.extend(x.detach().transpose(1, 2) for x in cs)
-        ctx.save_for_backward(u, u_in, weight, *cs, *ss)
-        ctx.iters, ctx.squash, ctx.has_bias, ctx.detach = iters, squash, bias is not None, detach_intermediate
-        return v, c
+        return _route_and_save(ctx, u, (u_in, weight), bias, iters, squash, leaky, detach_intermediate, record)
 
     @staticmethod
     def backward(ctx, grad_v, grad_c):
-        u, u_in, weight, *saved = ctx.saved_tensors
-        cs, ss = saved[:ctx.iters], saved[ctx.iters:]
-        left, right, grad_bias = _route_backward(u, cs, ss, grad_v, grad_c, ctx.squash, ctx.detach, ctx.has_bias)
+        (u_in, weight), left, right, grad_bias = _backward_factors(ctx, grad_v, grad_c)
         grad_u, grad_w = _transform_backward(left, right, u_in, weight, *ctx.needs_input_grad[:2])
         return grad_u, grad_w, grad_bias, None, None, None, None, None, None
 
@@ -266,7 +272,7 @@ class DynamicRouting(nn.Module):
         """
         with torch.autocast(votes.device.type, enabled=False):
             u_hat = at_least_float32(votes)
-            return self._route(_RoutingFunction.apply, u_hat, self._bias(bias, u_hat.dtype))
+            return self._run_function(_RoutingFunction.apply, u_hat, self._bias(bias, u_hat.dtype))
 
     def route_transformed(self, u: torch.Tensor, weight: torch.Tensor, n_out: int,
                           bias: torch.Tensor | None = None) -> RoutingOutput:
@@ -275,14 +281,14 @@ class DynamicRouting(nn.Module):
         are made and their gradient taken inside one function, with no full-size intermediate."""
         with torch.autocast(u.device.type, enabled=False):
             dtype = torch.promote_types(at_least_float32(u).dtype, at_least_float32(weight).dtype)
-            return self._route(_TransformRoutingFunction.apply, u.to(dtype), weight.to(dtype),
+            return self._run_function(_TransformRoutingFunction.apply, u.to(dtype), weight.to(dtype),
                                self._bias(bias, dtype), n_out)
 
     @staticmethod
     def _bias(bias, dtype):
         return None if bias is None else bias.to(dtype)
 
-    def _route(self, apply, *inputs) -> RoutingOutput:
+    def _run_function(self, apply, *inputs) -> RoutingOutput:
         couplings: list | None = [] if self.record else None
         v, c = apply(*inputs, self.iters, self.squash, self.leaky, self.detach_intermediate, couplings)
         self.recorded = {"couplings": couplings} if self.record else {}
