@@ -184,8 +184,8 @@ def main(argv=None, runner=run_fresh) -> dict:
     meta = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
             "command": shlex.join(["python", "-m", "capsnet.tools.bench", *argv]),
             **machine_record(device, args.allocator, args.gemm_seconds), "device": str(device),
-            "load_before": load_before, "busy_before": busy_before, "rounds": args.rounds, "warmup": args.warmup, "steps": args.steps,
-            "compile": args.compile, "channels_last": args.channels_last}
+            "load_before": load_before, "busy_before": busy_before, "rounds": args.rounds, "warmup": args.warmup,
+            "steps": args.steps, "compile": args.compile, "channels_last": args.channels_last}
     cases = plan(args)
     print(f"capsnet.tools.bench: {describe(meta)}\n  {len(cases)} cases x {args.rounds} rounds, each in a fresh "
           f"process, {args.warmup} warm-up + median of {args.steps} steps", flush=True)

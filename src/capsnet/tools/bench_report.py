@@ -149,14 +149,21 @@ def loaded(meta: dict) -> bool:
     return bool(load) and load[0] >= 0.5
 
 
+def machine_state(meta: dict) -> str:
+    """One sentence on how busy the machine was before the run ("" when the file does not say)."""
+    busy = meta.get("busy_before")
+    busy = f"{busy:.0%} of the CPUs busy in the second before the run" if busy is not None else None
+    if loaded(meta):
+        load = f"load average {meta['load_before'][0]:.1f} before the run, {meta['load_after'][0]:.1f} after"
+        return (f" Measured while other work ran on the machine ({', '.join(filter(None, [busy, load]))}, "
+                f"on {meta.get('cpus')} CPUs).")
+    return f" The machine was quiet before the run ({busy})." if busy else ""
+
+
 def markdown(result: dict) -> str:
     """The docs block: the command, date and machine, the table, the targets."""
     meta = result["meta"]
-    busy = meta.get("busy_before")
-    busy = f"{busy:.0%} of the CPUs busy in the second before the run, " if busy is not None else ""
-    note = (f" Measured while other work ran on the machine ({busy}load average {meta['load_before'][0]:.1f} "
-            f"before the run, {meta['load_after'][0]:.1f} after, on {meta.get('cpus')} CPUs).") if loaded(meta) else \
-        (f" The machine was quiet before the run ({busy.rstrip(', ')})." if busy else "")
+    note = machine_state(meta)
     head = (f"`{meta.get('command', 'python -m capsnet.tools.bench')}`, on {meta.get('date', '?')[:10]}: "
             f"{machine_line(meta)}. {meta.get('rounds', '?')} rounds, each case in a fresh process "
             f"({meta.get('warmup', '?')} warm-up, median of {meta.get('steps', '?')} steps); images/s is the "
