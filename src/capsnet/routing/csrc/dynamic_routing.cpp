@@ -1,0 +1,477 @@
+// Dynamic routing (Sabour et al. 2017, Procedure 1) with the votes u_hat = W u, fused, on the CPU.
+//
+// Why: u_hat ([B, 1152, 10, 16], 94 MB at batch 128 in fp32) is read about nine times by a routing
+// written as whole-tensor operations, and that memory traffic costs more than all the other
+// non-convolution work of a training step. Here each thread takes a range of images, makes their votes
+// in cache (a few images at a time, so each W_i is read once per block) and runs every routing
+// iteration on them while they are still there: one pass per iteration (agreement, softmax over the
+// upper capsules, weighted sum). u_hat never reaches main memory and is not saved: the backward makes
+// it again and expands its gradient straight into the gradients of u and W.
+//
+// Vectors run across lower capsules: the lower capsules are taken kTile at a time (a "tile", padded
+// by the caller), and every per-image tensor stores the tile's capsules side by side in its last
+// dimension, so each agreement, softmax and weighted sum is kTile independent lanes with no horizontal
+// sums, whatever the capsule sizes. The Python side (`capsnet.routing.fused_cpu`) lays the inputs out,
+// builds this file on first use, and `tests/test_routing_fused.py` checks it against the PyTorch
+// implementation in float64.
+//
+// Layouts (contiguous; n = number of tiles, I = n * kTile, JD = J * D):
+//   u [B, n, K, kTile]; W [n, K, JD, kTile]; bias [J, D]; v [B, J, D];
+//   couplings c [R, B, J, I]; s [R, B, J, D]; per image inside a thread: u_hat [n, JD, kTile].
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+constexpr int kTile = 16;  // lower capsules side by side: one AVX-512 register of floats
+constexpr int kBlock = 4;  // images whose votes are made together, so that W is read once for them
+
+// kTile lanes as one value (GCC/Clang vector extensions): a loop-carried sum stays in a register, where
+// an array in an `omp simd` loop went through the stack on every step.
+template <typename T>
+struct LanesOf {
+  typedef T type __attribute__((vector_size(sizeof(T) * kTile)));
+};
+template <typename T>
+using Lanes = typename LanesOf<T>::type;
+
+template <typename T>
+inline Lanes<T> load(const T* p) {
+  Lanes<T> v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+template <typename T>
+inline void store(T* p, Lanes<T> v) {
+  std::memcpy(p, &v, sizeof v);
+}
+
+enum SquashKind { kPaper = 0, kKeras = 1, kEfficient = 2 };
+
+// v = s g(|s|^2) for each squash of capsnet.nn.squash (EPS inside the square root, as there);
+// `dg` is dg/d|s|^2, for the backward.
+template <typename T>
+inline void squash_scale(int kind, T n2, T& g, T& dg) {
+  const T eps = T(1e-8);
+  const T r = std::sqrt(n2 + eps);
+  if (kind == kPaper) {  // g = n2 / ((1 + n2) r)
+    g = n2 / ((T(1) + n2) * r);
+    dg = (T(1) - n2 / (T(1) + n2) - n2 / (T(2) * (n2 + eps))) / ((T(1) + n2) * r);
+  } else if (kind == kKeras) {  // g = r / (0.5 + n2)
+    const T q = T(0.5) + n2;
+    g = r / q;
+    dg = T(1) / (T(2) * r * q) - r / (q * q);
+  } else {  // g = (1 - exp(-r)) / r
+    const T e = -std::expm1(-r);
+    g = e / r;
+    dg = (std::exp(-r) / r - e / (r * r)) / (T(2) * r);
+  }
+}
+
+// v [J, D] = squash(s [J, D]), one capsule at a time
+template <typename T>
+void squash_rows(int kind, const T* s, T* v, int64_t J, int64_t D) {
+  for (int64_t j = 0; j < J; ++j) {
+    T n2 = 0;
+    for (int64_t d = 0; d < D; ++d) n2 += s[j * D + d] * s[j * D + d];
+    T g, dg;
+    squash_scale(kind, n2, g, dg);
+    for (int64_t d = 0; d < D; ++d) v[j * D + d] = s[j * D + d] * g;
+  }
+}
+
+// gs = (dv/ds)^T gv for each capsule: gv g + s 2 g'(|s|^2) (s . gv)
+template <typename T>
+void squash_rows_backward(int kind, const T* s, const T* gv, T* gs, int64_t J, int64_t D) {
+  for (int64_t j = 0; j < J; ++j) {
+    T n2 = 0, dot = 0;
+    for (int64_t d = 0; d < D; ++d) {
+      n2 += s[j * D + d] * s[j * D + d];
+      dot += s[j * D + d] * gv[j * D + d];
+    }
+    T g, dg;
+    squash_scale(kind, n2, g, dg);
+    const T k = T(2) * dg * dot;
+    for (int64_t d = 0; d < D; ++d) gs[j * D + d] = gv[j * D + d] * g + s[j * D + d] * k;
+  }
+}
+
+// exp(x) for the softmax's x = b - max(b) <= 0, in a form the compiler vectorizes (libm's expf is a
+// call per element): x = n ln2 + r, |r| <= ln2 / 2, exp(r) by its Taylor polynomial to r^7 (relative
+// error below 2e-7, float32's rounding), times 2^n built from its exponent bits. float64 uses std::exp.
+template <typename T>
+inline T softmax_exp(T x) {
+  if constexpr (std::is_same_v<T, float>) {
+    x = std::max(x, -87.0f);  // exp(-87) ~ 1.6e-38: still a normal float
+    const float n = std::nearbyint(x * 1.44269504f);
+    const float r = (x - n * 0.693145752f) - n * 1.42860677e-6f;
+    float p = 1.0f / 5040;
+    p = p * r + 1.0f / 720;
+    p = p * r + 1.0f / 120;
+    p = p * r + 1.0f / 24;
+    p = p * r + 1.0f / 6;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+    float scale;
+    std::memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+  } else {
+    return std::exp(x);
+  }
+}
+
+struct Sizes {
+  int64_t B, n, K, J, D;  // images, tiles of lower capsules, input dim, upper capsules, output dim
+  int64_t I() const { return n * kTile; }
+  int64_t JD() const { return J * D; }
+  int64_t tile_votes() const { return J * D * kTile; }  // one tile of one image's u_hat
+  int64_t image_votes() const { return n * tile_votes(); }
+};
+
+// u_hat[bb, tile, e, :] = sum_k u[b0 + bb, tile, k, :] W[tile, k, e, :] for NB images b0 .. b0 + NB,
+// into buf [NB, n, JD, kTile]: each vector of W is loaded once for the NB images.
+template <typename T, int NB>
+void make_votes(const Sizes& z, const T* u, const T* W, int64_t b0, T* buf) {
+  const int64_t JD = z.JD(), K = z.K;
+  for (int64_t tile = 0; tile < z.n; ++tile) {
+    const T* Wt = W + tile * K * JD * kTile;
+    const T* ut[NB];
+    T* out[NB];
+    for (int bb = 0; bb < NB; ++bb) {
+      ut[bb] = u + ((b0 + bb) * z.n + tile) * K * kTile;
+      out[bb] = buf + bb * z.image_votes() + tile * z.tile_votes();
+    }
+    for (int64_t e = 0; e < JD; ++e) {
+      Lanes<T> acc[NB] = {};
+      for (int64_t k = 0; k < K; ++k) {
+        const Lanes<T> w = load(Wt + (k * JD + e) * kTile);
+        for (int bb = 0; bb < NB; ++bb) acc[bb] += load(ut[bb] + k * kTile) * w;
+      }
+      for (int bb = 0; bb < NB; ++bb) store(out[bb] + e * kTile, acc[bb]);
+    }
+  }
+}
+
+// The backward of u_hat = W u for NB images, lane by lane, from their votes' gradient g [NB, n, JD, kTile]:
+// grad_u[b, tile, k, :] = sum_e W[tile, k, e, :] g[e, :] and grad_W[tile, k, e, :] += u[b, tile, k, :] g[e, :].
+template <typename T, int NB>
+void votes_backward(const Sizes& z, const T* u, const T* W, const T* g, int64_t b0, T* grad_u, T* grad_w) {
+  const int64_t JD = z.JD(), K = z.K;
+  for (int64_t tile = 0; tile < z.n; ++tile) {
+    const T* gt[NB];
+    const T* ut[NB];
+    for (int bb = 0; bb < NB; ++bb) {
+      gt[bb] = g + bb * z.image_votes() + tile * z.tile_votes();
+      ut[bb] = u + ((b0 + bb) * z.n + tile) * K * kTile;
+    }
+    for (int64_t k = 0; k < K; ++k) {
+      const T* Wk = W + (tile * K + k) * JD * kTile;
+      T* gWk = grad_w ? grad_w + (tile * K + k) * JD * kTile : nullptr;
+      Lanes<T> a[NB] = {};
+      Lanes<T> uk[NB];
+      for (int bb = 0; bb < NB; ++bb) uk[bb] = load(ut[bb] + k * kTile);
+      for (int64_t e = 0; e < JD; ++e) {
+        const Lanes<T> w = load(Wk + e * kTile);
+        Lanes<T> gw{};
+        for (int bb = 0; bb < NB; ++bb) {
+          const Lanes<T> ge = load(gt[bb] + e * kTile);
+          a[bb] += w * ge;
+          gw += uk[bb] * ge;
+        }
+        if (gWk) store(gWk + e * kTile, load(gWk + e * kTile) + gw);
+      }
+      if (grad_u)
+        for (int bb = 0; bb < NB; ++bb) store(grad_u + ((b0 + bb) * z.n + tile) * K * kTile + k * kTile, a[bb]);
+    }
+  }
+}
+
+// f(std::integral_constant<int, nb>) for 1 <= nb <= kBlock: the block size as a compile-time constant
+template <typename F>
+void with_block(int64_t nb, F&& f) {
+  switch (nb) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    default: f(std::integral_constant<int, 4>{}); break;
+  }
+}
+
+// c[j, :] = softmax over j of the logits b[j, :] (rows `stride` apart), kTile lower capsules at once;
+// `leaky` adds a logit fixed at 0 (a sink) to the normalisation.
+template <typename T>
+inline void coupling_softmax(const T* b, T* c, int64_t J, int64_t stride, bool leaky) {
+  T m[kTile], sum[kTile];
+#pragma omp simd
+  for (int t = 0; t < kTile; ++t) m[t] = leaky ? std::max(T(0), b[t]) : b[t];
+  for (int64_t j = 1; j < J; ++j)
+#pragma omp simd
+    for (int t = 0; t < kTile; ++t) m[t] = std::max(m[t], b[j * stride + t]);
+#pragma omp simd
+  for (int t = 0; t < kTile; ++t) sum[t] = leaky ? softmax_exp(-m[t]) : T(0);
+  for (int64_t j = 0; j < J; ++j)
+#pragma omp simd
+    for (int t = 0; t < kTile; ++t) {
+      c[j * stride + t] = softmax_exp(b[j * stride + t] - m[t]);
+      sum[t] += c[j * stride + t];
+    }
+#pragma omp simd
+  for (int t = 0; t < kTile; ++t) sum[t] = T(1) / sum[t];
+  for (int64_t j = 0; j < J; ++j)
+#pragma omp simd
+    for (int t = 0; t < kTile; ++t) c[j * stride + t] *= sum[t];
+}
+
+// sum over the lanes of acc [JD, kTile] into out [JD]
+template <typename T>
+inline void sum_lanes(const T* acc, T* out, int64_t JD) {
+  for (int64_t e = 0; e < JD; ++e) {
+    T total = 0;
+    for (int t = 0; t < kTile; ++t) total += acc[e * kTile + t];
+    out[e] = total;
+  }
+}
+
+// Every routing iteration for one image whose votes uh [n, JD, kTile] are in cache; writes its c of
+// every iteration (rows of c_out, iterations c_stride apart), s likewise, and v.
+template <typename T>
+void route_image(const Sizes& z, const T* uh, const T* bias, int iters, int kind, bool leaky, T* logits,
+                 T* acc, T* c_out, int64_t c_stride, T* s_out, int64_t s_stride, T* v_out) {
+  const int64_t I = z.I(), J = z.J, D = z.D, JD = z.JD();
+  std::vector<T> s(JD), v(JD);
+  for (int r = 0; r < iters; ++r) {
+    T* c = c_out + r * c_stride;
+    std::fill(acc, acc + JD * kTile, T(0));
+    if (r == 0) {  // b_0 = 0: every coupling is 1 / J (1 / (J + 1) with the leaky sink)
+      const T c0 = T(1) / T(leaky ? J + 1 : J);
+      std::fill(c, c + J * I, c0);
+      std::fill(logits, logits + J * I, T(0));
+      for (int64_t tile = 0; tile < z.n; ++tile) {
+        const T* x = uh + tile * z.tile_votes();
+#pragma omp simd
+        for (int64_t e = 0; e < JD * kTile; ++e) acc[e] += x[e];
+      }
+      sum_lanes(acc, s.data(), JD);
+      for (int64_t e = 0; e < JD; ++e) s[e] *= c0;
+    } else {
+      for (int64_t tile = 0; tile < z.n; ++tile) {
+        const T* x = uh + tile * z.tile_votes();
+        T* b = logits + tile * kTile;
+        T* ct = c + tile * kTile;
+        for (int64_t j = 0; j < J; ++j) {  // b += u_hat . v of the iteration before
+          Lanes<T> a = load(b + j * I);
+          for (int64_t d = 0; d < D; ++d) a += v[j * D + d] * load(x + (j * D + d) * kTile);
+          store(b + j * I, a);
+        }
+        coupling_softmax(b, ct, J, I, leaky);
+        for (int64_t j = 0; j < J; ++j) {  // s += c u_hat, lane by lane
+          const T* cj = ct + j * I;
+          for (int64_t d = 0; d < D; ++d) {
+            const int64_t e = (j * D + d) * kTile;
+#pragma omp simd
+            for (int t = 0; t < kTile; ++t) acc[e + t] += cj[t] * x[e + t];
+          }
+        }
+      }
+      sum_lanes(acc, s.data(), JD);
+    }
+    if (bias != nullptr)
+      for (int64_t e = 0; e < JD; ++e) s[e] += bias[e];
+    std::copy(s.begin(), s.end(), s_out + r * s_stride);
+    squash_rows(kind, s.data(), v.data(), J, D);
+  }
+  std::copy(v.begin(), v.end(), v_out);
+}
+
+// Procedure 1 run backwards for one image: the gradient of its votes into g [n, JD, kTile]
+// (overwritten), the gradient of the bias on s added to grad_bias [J, D]. Mirrors `_route_backward`
+// in dynamic.py; gbt [J, I] is the gradient of the logits b_r, summed over the later iterations.
+template <typename T>
+void route_image_backward(const Sizes& z, const T* uh, const T* cs, int64_t c_stride, const T* ss,
+                          int64_t s_stride, const T* grad_v, const T* grad_c, int iters, int kind, bool detach,
+                          T* g, T* grad_bias, T* gbt, T* acc) {
+  const int64_t I = z.I(), J = z.J, D = z.D, JD = z.JD();
+  std::vector<T> gv(JD), gs(JD), v_prev(JD), zero(JD);
+  std::vector<T> gc(J * kTile);
+  if (grad_v != nullptr) std::copy(grad_v, grad_v + JD, gv.begin());
+  std::fill(gbt, gbt + J * I, T(0));
+  for (int r = iters - 1; r >= 0; --r) {
+    const T* c = cs + r * c_stride;
+    squash_rows_backward(kind, ss + r * s_stride, gv.data(), gs.data(), J, D);
+    if (grad_bias != nullptr)
+      for (int64_t e = 0; e < JD; ++e) grad_bias[e] += gs[e];
+    const bool last = r == iters - 1;
+    const bool through_c = last || !detach;   // u_hat's gradient through s_r = sum_i c_r u_hat
+    const bool through_b = r > 0 && !detach;  // ... and through b_r = b_{r-1} + u_hat . v_{r-1}
+    if (!through_c && r == 0) break;          // b_0 = 0 is a constant: nothing more flows
+    if (r > 0) {
+      squash_rows(kind, ss + (r - 1) * s_stride, v_prev.data(), J, D);
+      std::fill(acc, acc + JD * kTile, T(0));  // lanes of the gradient of v_{r-1}
+    }
+    const T* gsc = through_c ? gs.data() : zero.data();
+    const T* vb = through_b ? v_prev.data() : zero.data();
+    for (int64_t tile = 0; tile < z.n; ++tile) {
+      const T* x = uh + tile * z.tile_votes();
+      T* gt = g + tile * z.tile_votes();
+      const T* ct = c + tile * kTile;
+      T* bt = gbt + tile * kTile;
+      if (r > 0) {  // softmax backward: the gradient of b_r
+        T sc[kTile] = {};
+        for (int64_t j = 0; j < J; ++j) {
+          Lanes<T> a = (last && grad_c != nullptr) ? load(grad_c + j * I + tile * kTile) : Lanes<T>{};
+          for (int64_t d = 0; d < D; ++d) a += gs[j * D + d] * load(x + (j * D + d) * kTile);
+          store(gc.data() + j * kTile, a);
+#pragma omp simd
+          for (int t = 0; t < kTile; ++t) sc[t] += ct[j * I + t] * gc[j * kTile + t];
+        }
+        for (int64_t j = 0; j < J; ++j)
+#pragma omp simd
+          for (int t = 0; t < kTile; ++t) bt[j * I + t] += ct[j * I + t] * (gc[j * kTile + t] - sc[t]);
+      }
+      for (int64_t j = 0; j < J; ++j) {
+        const T* cj = ct + j * I;
+        const T* bj = bt + j * I;
+        const T cw = through_c ? T(1) : T(0);
+        for (int64_t d = 0; d < D; ++d) {
+          const int64_t e = (j * D + d) * kTile;
+          const T gd = gsc[j * D + d], vd = vb[j * D + d];
+          if (last) {
+#pragma omp simd
+            for (int t = 0; t < kTile; ++t) gt[e + t] = cw * cj[t] * gd + bj[t] * vd;
+          } else {
+#pragma omp simd
+            for (int t = 0; t < kTile; ++t) gt[e + t] += cw * cj[t] * gd + bj[t] * vd;
+          }
+          if (r > 0) {
+#pragma omp simd
+            for (int t = 0; t < kTile; ++t) acc[e + t] += bj[t] * x[e + t];
+          }
+        }
+      }
+    }
+    if (r > 0) sum_lanes(acc, gv.data(), JD);
+  }
+}
+
+// Images [b_begin, b_end) of one thread, kBlock at a time.
+template <typename T>
+void forward_range(const Sizes& z, const T* u, const T* W, const T* bias, int iters, int kind, bool leaky,
+                   int64_t b_begin, int64_t b_end, T* v, T* cs, T* ss) {
+  std::vector<T> buf(kBlock * z.image_votes()), logits(z.J * z.I()), acc(z.JD() * kTile);
+  for (int64_t b0 = b_begin; b0 < b_end; b0 += kBlock) {
+    const int64_t nb = std::min<int64_t>(kBlock, b_end - b0);
+    with_block(nb, [&](auto NB) { make_votes<T, decltype(NB)::value>(z, u, W, b0, buf.data()); });
+    for (int64_t bb = 0; bb < nb; ++bb) {
+      const int64_t b = b0 + bb;
+      route_image(z, buf.data() + bb * z.image_votes(), bias, iters, kind, leaky, logits.data(), acc.data(),
+                  cs + b * z.J * z.I(), z.B * z.J * z.I(), ss + b * z.JD(), z.B * z.JD(), v + b * z.JD());
+    }
+  }
+}
+
+template <typename T>
+void backward_range(const Sizes& z, const T* u, const T* W, const T* cs, const T* ss, const T* grad_v,
+                    const T* grad_c, int iters, int kind, bool detach, int64_t b_begin, int64_t b_end, T* grad_u,
+                    T* grad_w, T* grad_bias) {
+  const int64_t JD = z.JD(), per_image = z.image_votes();
+  std::vector<T> buf(kBlock * per_image), g(kBlock * per_image), gbt(z.J * z.I()), acc(JD * kTile);
+  for (int64_t b0 = b_begin; b0 < b_end; b0 += kBlock) {
+    const int64_t nb = std::min<int64_t>(kBlock, b_end - b0);
+    with_block(nb, [&](auto NB) { make_votes<T, decltype(NB)::value>(z, u, W, b0, buf.data()); });
+    for (int64_t bb = 0; bb < nb; ++bb) {
+      const int64_t b = b0 + bb;
+      route_image_backward(z, buf.data() + bb * per_image, cs + b * z.J * z.I(), z.B * z.J * z.I(), ss + b * JD,
+                           z.B * JD, grad_v ? grad_v + b * JD : nullptr, grad_c ? grad_c + b * z.J * z.I() : nullptr,
+                           iters, kind, detach, g.data() + bb * per_image, grad_bias, gbt.data(), acc.data());
+    }
+    if (grad_u || grad_w)
+      with_block(nb, [&](auto NB) { votes_backward<T, decltype(NB)::value>(z, u, W, g.data(), b0, grad_u, grad_w); });
+  }
+}
+
+Sizes sizes_of(const torch::Tensor& u, const torch::Tensor& W, int64_t n_out) {
+  TORCH_CHECK(u.dim() == 4 && u.size(3) == kTile && W.dim() == 4 && W.size(3) == kTile && W.size(0) == u.size(1) &&
+                  W.size(1) == u.size(2),
+              "fused routing: u must be [B, tiles, K, 16] and W [tiles, K, J*D, 16]");
+  TORCH_CHECK(n_out > 0 && W.size(2) % n_out == 0, "fused routing: W's J*D must be a multiple of n_out");
+  return Sizes{u.size(0), u.size(1), u.size(2), n_out, W.size(2) / n_out};
+}
+
+// body(part, first image, end image) for even ranges of images, one per thread of ATen's pool
+template <typename F>
+void for_thread_ranges(int64_t B, int64_t parts, F&& body) {
+  at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) body(p, B * p / parts, B * (p + 1) / parts);
+  });
+}
+
+int64_t thread_parts(int64_t B) { return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), B)); }
+
+std::vector<torch::Tensor> forward(torch::Tensor u, torch::Tensor W, c10::optional<torch::Tensor> bias,
+                                   int64_t n_out, int64_t iters, int64_t kind, bool leaky) {
+  TORCH_CHECK(iters >= 1, "fused routing: iters must be >= 1");
+  u = u.contiguous();
+  W = W.contiguous();
+  const Sizes z = sizes_of(u, W, n_out);
+  torch::Tensor bias_c = bias.has_value() ? bias->contiguous() : torch::Tensor();
+  auto v = torch::empty({z.B, z.J, z.D}, u.options());
+  auto cs = torch::empty({iters, z.B, z.J, z.I()}, u.options());
+  auto ss = torch::empty({iters, z.B, z.J, z.D}, u.options());
+  AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "capsnet_routing_forward", [&] {
+    const scalar_t* bp = bias_c.defined() ? bias_c.data_ptr<scalar_t>() : nullptr;
+    for_thread_ranges(z.B, thread_parts(z.B), [&](int64_t, int64_t b0, int64_t b1) {
+      forward_range<scalar_t>(z, u.data_ptr<scalar_t>(), W.data_ptr<scalar_t>(), bp, iters, kind, leaky, b0, b1,
+                              v.data_ptr<scalar_t>(), cs.data_ptr<scalar_t>(), ss.data_ptr<scalar_t>());
+    });
+  });
+  return {v, cs, ss};
+}
+
+std::vector<torch::Tensor> backward(torch::Tensor u, torch::Tensor W, torch::Tensor cs, torch::Tensor ss,
+                                    c10::optional<torch::Tensor> grad_v, c10::optional<torch::Tensor> grad_c,
+                                    int64_t n_out, int64_t kind, bool detach, bool need_u, bool need_w,
+                                    bool need_bias) {
+  u = u.contiguous();
+  W = W.contiguous();
+  cs = cs.contiguous();
+  ss = ss.contiguous();
+  const Sizes z = sizes_of(u, W, n_out);
+  const int64_t iters = cs.size(0), parts = thread_parts(z.B);
+  torch::Tensor gv = grad_v.has_value() ? grad_v->contiguous() : torch::Tensor();
+  torch::Tensor gc = grad_c.has_value() ? grad_c->contiguous() : torch::Tensor();
+  auto grad_u = need_u ? torch::empty_like(u) : torch::Tensor();
+  auto grad_w_parts = need_w ? torch::zeros({parts, z.n, z.K, z.JD(), kTile}, u.options()) : torch::Tensor();
+  auto grad_bias_parts = torch::zeros({parts, z.J, z.D}, u.options());
+  AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "capsnet_routing_backward", [&] {
+    const scalar_t* gvp = gv.defined() ? gv.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* gcp = gc.defined() ? gc.data_ptr<scalar_t>() : nullptr;
+    for_thread_ranges(z.B, parts, [&](int64_t p, int64_t b0, int64_t b1) {
+      backward_range<scalar_t>(
+          z, u.data_ptr<scalar_t>(), W.data_ptr<scalar_t>(), cs.data_ptr<scalar_t>(), ss.data_ptr<scalar_t>(), gvp,
+          gcp, iters, kind, detach, b0, b1, need_u ? grad_u.data_ptr<scalar_t>() : nullptr,
+          need_w ? grad_w_parts.data_ptr<scalar_t>() + p * W.numel() : nullptr,
+          grad_bias_parts.data_ptr<scalar_t>() + p * z.JD());
+    });
+  });
+  auto grad_w = need_w ? (parts == 1 ? grad_w_parts[0] : grad_w_parts.sum(0)) : torch::Tensor();
+  auto grad_bias = need_bias ? grad_bias_parts.sum(0) : torch::Tensor();
+  return {grad_u, grad_w, grad_bias};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &forward, "votes and dynamic routing, fused: (v, every c, every s)");
+  m.def("backward", &backward, "gradients of u, W and the bias on s of the fused routing");
+}

@@ -1,0 +1,199 @@
+"""The fused C++ routing kernel (capsnet.routing.fused_cpu) against PyTorch references.
+
+References: autograd through explicit products u_hat = W_ij u_i and Procedure 1 in plain torch ops
+(float64), and the PyTorch path `_TransformRoutingFunction`, itself checked against the same
+autograd reference in test_routing.py. The kernel is built on first use (about 30 s, once).
+"""
+
+import warnings
+
+import pytest
+import torch
+
+from capsnet.errors import CapsnetError
+from capsnet.nn.capsules import ClassCapsules
+from capsnet.nn.squash import get_squash
+from capsnet.routing import dynamic, fused_cpu
+from capsnet.routing.dynamic import DynamicRouting, _TransformRoutingFunction
+from capsnet.routing.fused_cpu import FusedRoutingFunction
+
+
+def autograd_routing(u_hat, iters, squash, leaky=False, bias=None, detach=False):
+    """Procedure 1 in differentiable torch ops on u_hat [B, I, J, D]: (v, c [B, J, I])."""
+    u_mid = u_hat.detach() if detach else u_hat
+    b = torch.zeros(u_hat.shape[:3], dtype=u_hat.dtype)
+    for r in range(iters):
+        uu = u_hat if r == iters - 1 else u_mid
+        logits = torch.cat([b, torch.zeros_like(b[..., :1])], -1) if leaky else b
+        c = torch.softmax(logits, -1)[..., : b.shape[-1]]
+        s = (c.unsqueeze(-1) * uu).sum(1)
+        v = squash(s + bias if bias is not None else s)
+        if r < iters - 1:
+            b = b + (uu * v.unsqueeze(1)).sum(-1)
+    return v, c.transpose(1, 2)
+
+
+def explicit_votes(u, weight, n_out):
+    """u_hat[b, i, j] = u[b, i] @ W[i, :, j] with a loop over i and j."""
+    w = weight.view(weight.shape[0], weight.shape[1], n_out, -1)
+    return torch.stack([torch.stack([u[:, i] @ w[i, :, j] for j in range(n_out)], 1)
+                        for i in range(u.shape[1])], 1)
+
+
+def inputs(bsz=5, n_in=37, in_dim=3, n_out=4, dim=6, with_bias=True, dtype=torch.float64, seed=0):
+    """37 lower capsules: two whole tiles of 16 and a padded one; 5 images: uneven blocks per thread."""
+    g = torch.Generator().manual_seed(seed)
+    u = torch.randn(bsz, n_in, in_dim, generator=g, dtype=dtype)
+    weight = torch.randn(n_in, in_dim, n_out * dim, generator=g, dtype=dtype) * 0.4
+    bias = torch.randn(n_out, dim, generator=g, dtype=dtype) * 0.1 if with_bias else None
+    grads = torch.randn(bsz, n_out, dim, generator=g, dtype=dtype), torch.randn(bsz, n_out, n_in, generator=g, dtype=dtype)
+    return u, weight, bias, grads
+
+
+def value_and_grads(fn, u, weight, bias, grads, with_grad_c=True):
+    leaves = [x.detach().clone().requires_grad_(True) for x in (u, weight) + ((bias,) if bias is not None else ())]
+    v, c = fn(*leaves) if bias is not None else fn(*leaves, None)
+    loss = (v * grads[0]).sum() + ((c * grads[1]).sum() if with_grad_c else 0)
+    return [v, c, *torch.autograd.grad(loss, leaves)]
+
+
+@pytest.mark.parametrize("iters", [1, 2, 3])
+@pytest.mark.parametrize("squash", ["paper", "keras", "efficient"])
+@pytest.mark.parametrize("leaky, with_bias, detach", [(False, False, False), (True, True, False),
+                                                      (False, True, True), (True, False, True)])
+def test_fused_matches_autograd_on_explicit_votes(iters, squash, leaky, with_bias, detach):
+    """Values and gradients of u, W and the bias (c's gradient included) equal autograd's, float64."""
+    u, weight, bias, grads = inputs(with_bias=with_bias)
+    fused = value_and_grads(lambda u, w, b: FusedRoutingFunction.apply(u, w, b, 4, iters, squash, leaky, detach, None),
+                            u, weight, bias, grads)
+    ref = value_and_grads(lambda u, w, b: autograd_routing(explicit_votes(u, w, 4), iters, get_squash(squash), leaky,
+                                                           b, detach), u, weight, bias, grads)
+    for a, b in zip(fused, ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("with_grad_c", [False, True])
+def test_fused_equals_the_pytorch_path(with_grad_c):
+    """The two implementations `routing.kernel` chooses between agree to rounding, float64."""
+    u, weight, bias, grads = inputs(bsz=9, n_in=48, in_dim=8, n_out=10, dim=16)
+    sq = get_squash("paper")
+    fused = value_and_grads(lambda u, w, b: FusedRoutingFunction.apply(u, w, b, 10, 3, "paper", False, False, None),
+                            u, weight, bias, grads, with_grad_c)
+    torch_path = value_and_grads(lambda u, w, b: _TransformRoutingFunction.apply(u, w, b, 10, 3, sq, False, False, None),
+                                 u, weight, bias, grads, with_grad_c)
+    for a, b in zip(fused, torch_path):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-13)
+
+
+def test_fused_float32_is_as_accurate_as_the_pytorch_path():
+    """float32 on the paper's sizes (its own exp in the softmax): as close to float64 as PyTorch's float32."""
+    u, weight, bias, grads = inputs(bsz=3, n_in=1152, in_dim=8, n_out=10, dim=16, with_bias=False)
+    u = get_squash("paper")(u)  # PrimaryCaps outputs are squashed
+    weight = weight * 0.25
+    ref = value_and_grads(lambda u, w, b: FusedRoutingFunction.apply(u, w, b, 10, 3, "paper", False, False, None),
+                          u, weight, None, grads)
+    sq = get_squash("paper")
+    f32 = [x.float() for x in (u, weight)]
+    fused = value_and_grads(lambda u, w, b: FusedRoutingFunction.apply(u, w, b, 10, 3, "paper", False, False, None),
+                            *f32, None, tuple(x.float() for x in grads))
+    torch_path = value_and_grads(lambda u, w, b: _TransformRoutingFunction.apply(u, w, b, 10, 3, sq, False, False,
+                                                                                 None), *f32, None,
+                                 tuple(x.float() for x in grads))
+    for a, b, r in zip(fused, torch_path, ref):
+        err_fused = ((a.double() - r).abs().max() / r.abs().max()).item()
+        err_torch = ((b.double() - r).abs().max() / r.abs().max()).item()
+        assert err_fused < max(4 * err_torch, 1e-6), (err_fused, err_torch)
+
+
+def test_fused_gradcheck_in_float64():
+    u, weight, bias, _ = inputs(bsz=2, n_in=5, in_dim=3, n_out=3, dim=2)
+    ins = tuple(x.requires_grad_(True) for x in (u, weight, bias))
+    for leaky in (False, True):
+        fn = lambda u, w, b: FusedRoutingFunction.apply(u, w, b, 3, 3, "paper", leaky, False, None)  # noqa: E731
+        assert torch.autograd.gradcheck(fn, ins)
+
+
+def test_fused_records_every_iteration_like_the_pytorch_path():
+    u, weight, bias, _ = inputs()
+    fused, torch_path = [], []
+    FusedRoutingFunction.apply(u, weight, bias, 4, 3, "paper", False, False, fused)
+    _TransformRoutingFunction.apply(u, weight, bias, 4, 3, get_squash("paper"), False, False, torch_path)
+    assert len(fused) == len(torch_path) == 3
+    for a, b in zip(fused, torch_path):
+        assert a.shape == (5, 37, 4)
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def count_fused_calls(monkeypatch):
+    calls = []
+    apply = FusedRoutingFunction.apply
+    monkeypatch.setattr(FusedRoutingFunction, "apply", lambda *a: calls.append(1) or apply(*a))
+    return calls
+
+
+@pytest.mark.parametrize("kernel, fused", [("auto", True), ("cpp", True), ("torch", False)])
+def test_class_capsules_take_the_kernel_the_config_names(monkeypatch, kernel, fused):
+    calls = count_fused_calls(monkeypatch)
+    layer = ClassCapsules(20, 8, 10, 16, routing=DynamicRouting(3, kernel=kernel), init_std=0.1)
+    reference = ClassCapsules(20, 8, 10, 16, routing=DynamicRouting(3, kernel="torch"), init_std=0.1)
+    reference.load_state_dict(layer.state_dict())
+    u = torch.randn(3, 20, 8)
+    v, _, c = layer(u)
+    v_ref, _, c_ref = reference(u)
+    assert bool(calls) == fused
+    torch.testing.assert_close(v, v_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(c, c_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_runs_in_float32_under_bf16_autocast():
+    layer = ClassCapsules(in_capsules=20, in_dim=8, out_capsules=10, out_dim=16, init_std=0.1)
+    assert layer.routing.kernel == "auto"
+    u = torch.randn(2, 20, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        v, _, c = layer(u.bfloat16())
+    v_ref, _, c_ref = layer(u.bfloat16().float())
+    assert v.dtype == c.dtype == torch.float32
+    torch.testing.assert_close(v, v_ref)
+
+
+@pytest.fixture
+def kernel_unavailable(monkeypatch):
+    """As on a machine without a C++ compiler."""
+    def refuse():
+        raise fused_cpu.KernelUnavailable("CalledProcessError: no compiler")
+    monkeypatch.setattr(fused_cpu, "load", refuse)
+    fused_cpu.available.cache_clear()
+    yield
+    fused_cpu.available.cache_clear()
+
+
+def test_auto_falls_back_to_pytorch_with_one_warning(kernel_unavailable, monkeypatch):
+    calls = count_fused_calls(monkeypatch)
+    layer = ClassCapsules(20, 8, 10, 16, routing=DynamicRouting(3, kernel="auto"), init_std=0.1)
+    with pytest.warns(UserWarning, match="kernel is unavailable .*no compiler.*routing.kernel=torch"):
+        layer(torch.randn(2, 20, 8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layer(torch.randn(2, 20, 8))  # once is enough
+    assert not calls
+
+
+def test_cpp_refuses_in_one_line_where_the_kernel_cannot_be_built(kernel_unavailable):
+    layer = ClassCapsules(20, 8, 10, 16, routing=DynamicRouting(3, kernel="cpp"), init_std=0.1)
+    with pytest.raises(CapsnetError, match="routing.kernel=cpp: .*no compiler.*routing.kernel=auto or torch"):
+        layer(torch.randn(2, 20, 8))
+
+
+def test_unknown_kernel_is_refused():
+    with pytest.raises(ValueError, match="routing kernel must be one of"):
+        DynamicRouting(3, kernel="fast")
+
+
+def test_kernel_is_built_for_this_cpu(monkeypatch):
+    """-march=native code must not be loaded on another CPU: the CPU is part of the build's name."""
+    assert "-mprefer-vector-width=512" in fused_cpu.compiler_flags("flags : fpu avx512f avx2")
+    assert "-mprefer-vector-width=512" not in fused_cpu.compiler_flags("flags : fpu avx2")
+    here, _ = fused_cpu.kernel_name()
+    assert fused_cpu.load().__name__ == here
+    monkeypatch.setattr(fused_cpu, "_cpu_signature", lambda: "model name : another CPU")
+    assert fused_cpu.kernel_name()[0] != here
