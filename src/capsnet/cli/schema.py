@@ -50,6 +50,12 @@ class KeepCheckpoints(str, Enum):
     none = "none"
 
 
+class RoutingKernel(str, Enum):
+    auto = "auto"
+    cpp = "cpp"
+    torch = "torch"
+
+
 class MonitorMode(str, Enum):
     auto = "auto"
     max = "max"
@@ -89,6 +95,7 @@ class DynamicRoutingSchema:
     squash: str = "paper"
     detach_intermediate: bool = False
     leaky: bool = False
+    kernel: RoutingKernel = RoutingKernel.auto  # auto: the fused C++ kernel on CPUs where it builds | cpp | torch
 
 
 @dataclass

@@ -129,8 +129,13 @@ class ClassCapsules(nn.Module):
 
     def forward(self, u: torch.Tensor) -> RoutingOutput:
         """u [B, I, in_dim] -> RoutingOutput(v [B, J, D], activations [B, J], couplings [B, I, J])."""
-        # The fast path makes the votes inside the routing; a recording routing (diagnostics) gets them
-        # as its input instead, where `capsnet.routing.diagnostics` reads them.
-        if not self.shared_transform and hasattr(self.routing, "route_transformed") and not self.routing.record:
-            return self.routing.route_transformed(u, self.weight, self.out_capsules, bias=self.bias)
+        # The fast path makes the votes inside the routing. A recording routing (diagnostics) is also
+        # called with the votes, where `capsnet.routing.diagnostics` reads them, but routes from (u, W)
+        # all the same: recording changes no number.
+        if not self.shared_transform and hasattr(self.routing, "route_transformed"):
+            if not self.routing.record:
+                return self.routing.route_transformed(u, self.weight, self.out_capsules, bias=self.bias)
+            with torch.no_grad():
+                votes = self.predictions(u)
+            return self.routing(votes, bias=self.bias, transform=(u, self.weight))
         return self.routing(self.predictions(u), bias=self.bias)

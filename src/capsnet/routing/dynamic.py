@@ -31,8 +31,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from capsnet.errors import CapsnetError
 from capsnet.nn.squash import at_least_float32, get_squash
+from capsnet.routing import fused_cpu
 from capsnet.types import RoutingOutput
+
+KERNELS = ("auto", "cpp", "torch")
 
 
 def coupling_softmax(b: torch.Tensor, dim: int, leaky: bool) -> torch.Tensor:
@@ -246,6 +250,11 @@ class DynamicRouting(nn.Module):
             iteration, as many re-implementations do (off: the paper's maths).
         leaky: leaky routing, an extra "none of the above" logit fixed at 0
             (the paper uses it on CIFAR-10); couplings then sum to < 1.
+        kernel: how `route_transformed` runs on a CPU: "cpp", the fused C++
+            kernel (`capsnet.routing.fused_cpu`, compiled on first use);
+            "torch", PyTorch operations (this file); "auto", the kernel where
+            it builds, else PyTorch with a warning. Same maths; on a GPU,
+            always PyTorch.
 
     Set `record = True` to keep the couplings of every iteration in
     `self.recorded["couplings"]` (detached, each [batch, n_in, n_out]) for
@@ -253,10 +262,14 @@ class DynamicRouting(nn.Module):
     """
 
     def __init__(self, iters: int = 3, squash: str = "paper",
-                 detach_intermediate: bool = False, leaky: bool = False, **sizes):
+                 detach_intermediate: bool = False, leaky: bool = False, kernel: str = "auto", **sizes):
         super().__init__()  # `sizes` (in_capsules, out_capsules, out_dim): dynamic routing needs none
         if int(iters) != iters or iters < 1:
             raise ValueError(f"routing iters must be a whole number >= 1, got {iters!r}")
+        kernel = getattr(kernel, "value", kernel)  # the schema's enum, or a plain string
+        if kernel not in KERNELS:
+            raise ValueError(f"routing kernel must be one of {KERNELS}, got {kernel!r}")
+        self.kernel = kernel
         self.iters, self.squash_name = int(iters), squash
         self.squash = get_squash(squash)
         self.detach_intermediate, self.leaky = detach_intermediate, leaky
@@ -264,12 +277,16 @@ class DynamicRouting(nn.Module):
         self.recorded: dict = {}
 
     def forward(self, votes: torch.Tensor, activations: torch.Tensor | None = None,
-                bias: torch.Tensor | None = None) -> RoutingOutput:
+                bias: torch.Tensor | None = None, transform: tuple | None = None) -> RoutingOutput:
         """votes u_hat [batch, n_in, n_out, dim] -> RoutingOutput(v [batch, n_out, dim], |v|, c [batch, n_in, n_out]).
 
         Input activations are not used: in Procedure 1 a lower capsule's length
-        already scales its votes.
+        already scales its votes. `transform` = (u, weight), the votes' own
+        inputs: given, the routing runs from them as `route_transformed` does
+        (the votes then serve only hooks that read them, as the diagnostics do).
         """
+        if transform is not None:
+            return self.route_transformed(*transform, votes.shape[2], bias=bias)
         with torch.autocast(votes.device.type, enabled=False):
             u_hat = at_least_float32(votes)
             return self._run_function(_RoutingFunction.apply, u_hat, self._bias(bias, u_hat.dtype))
@@ -281,20 +298,36 @@ class DynamicRouting(nn.Module):
         are made and their gradient taken inside one function, with no full-size intermediate."""
         with torch.autocast(u.device.type, enabled=False):
             dtype = torch.promote_types(at_least_float32(u).dtype, at_least_float32(weight).dtype)
-            return self._run_function(_TransformRoutingFunction.apply, u.to(dtype), weight.to(dtype),
-                               self._bias(bias, dtype), n_out)
+            inputs = (u.to(dtype), weight.to(dtype), self._bias(bias, dtype), n_out)
+            if self._fused(u.device):
+                return self._run_function(fused_cpu.FusedRoutingFunction.apply, *inputs, squash=self.squash_name)
+            return self._run_function(_TransformRoutingFunction.apply, *inputs)
+
+    def _fused(self, device: torch.device) -> bool:
+        """Whether `route_transformed` runs the fused C++ kernel (`kernel`, on a CPU)."""
+        if self.kernel == "torch" or device.type != "cpu":
+            return False
+        if self.kernel == "auto":
+            return fused_cpu.available()
+        try:
+            fused_cpu.load()
+        except fused_cpu.KernelUnavailable as err:
+            raise CapsnetError(f"routing.kernel=cpp: the fused routing kernel cannot be built here ({err}); "
+                               "install a C++ compiler and ninja, or set routing.kernel=auto or torch") from None
+        return True
 
     @staticmethod
     def _bias(bias, dtype):
         return None if bias is None else bias.to(dtype)
 
-    def _run_function(self, apply, *inputs) -> RoutingOutput:
+    def _run_function(self, apply, *inputs, squash=None) -> RoutingOutput:
         couplings: list | None = [] if self.record else None
-        v, c = apply(*inputs, self.iters, self.squash, self.leaky, self.detach_intermediate, couplings)
+        squash = self.squash if squash is None else squash
+        v, c = apply(*inputs, self.iters, squash, self.leaky, self.detach_intermediate, couplings)
         self.recorded = {"couplings": couplings} if self.record else {}
         lengths = torch.sqrt(v.square().sum(-1) + 1e-12)
         return RoutingOutput(v, lengths, c.transpose(1, 2))
 
     def extra_repr(self) -> str:
         return (f"iters={self.iters}, squash={self.squash_name!r}, "
-                f"detach_intermediate={self.detach_intermediate}, leaky={self.leaky}")
+                f"detach_intermediate={self.detach_intermediate}, leaky={self.leaky}, kernel={self.kernel!r}")
