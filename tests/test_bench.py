@@ -39,6 +39,9 @@ def test_default_plan_has_bf16_rows_the_sweep_and_every_network():
         == {1, 2, 3, 4, 5}
     for m in ("capsnet+self_attention", "efficient_capsnet", "idpa_capsnet", "matrix_capsnet"):
         assert {c["mode"] for c in cases if c["case"] == m} == {"train", "infer"}
+    # the default (fused C++ routing) beside the same network with routing in PyTorch operations
+    assert {("capsnet+torch_routing", "train", 32, 3, "off"), ("capsnet+torch_routing", "train", 128, 3, "off"),
+            ("capsnet+torch_routing", "infer", 256, 3, "off")} <= set(keys)
 
 
 @pytest.mark.parametrize("argv", [["--device", "cpu", "--amp", "fp16"], ["--models", "resnet"], ["--amp", "fp8"]])
@@ -52,7 +55,7 @@ DRIFT = [1.0, 0.5, 2.0]  # the machine's speed in each round: ratios within a ro
 
 def fake_runner(order):
     """Rows as a child process would print them: images/s = base rate x the round's drift."""
-    base = {"conv-only": 10.0, "capsnet": 9.0, "naive": 6.0}
+    base = {"conv-only": 10.0, "capsnet": 9.0, "capsnet+torch_routing": 8.0, "naive": 6.0}
 
     def run(case, args):
         r = len(order) // n_cases[0]
@@ -91,6 +94,7 @@ def test_rounds_rotate_fold_to_median_and_spread_with_per_round_ratios(tmp_path,
     meta = saved["meta"]
     assert set(meta["flags"]) == set(FLAGS) and meta["threads"] >= 1 and meta["allocator"] == "keep"
     assert {"cpu", "torch", "gemm_gflops_fp32", "gemm_gflops_bf16", "load_before", "load_after"} <= set(meta)
+    assert meta["routing_kernel"] == "cpp"  # built before the first case, so no case times the build
     assert len(meta["after_each_round"]) == 3 and meta["rounds"] == 3
     out = capsys.readouterr().out
     assert "| capsnet | bf16 | train | 2 | 3 |" in out and "(1 of 3 rounds failed)" in out

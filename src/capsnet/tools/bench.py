@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from capsnet.routing import fused_cpu
 from capsnet.tools.bench_cases import CASES, run_case
 from capsnet.tools.bench_machine import cpu_busy, describe, gemm_gflops, machine_record
 from capsnet.tools.bench_report import compare, fold, format_table, load, markdown, targets, write_docs
@@ -97,6 +98,8 @@ def plan(args) -> list[dict]:
     cases = core(first) + [case("capsnet", "train", biggest, r, first) for r in args.iters if r != 3]
     for amp in args.amp[1:]:
         cases += core(amp)
+    cases += [case("capsnet+torch_routing", "train", b, 3, first) for b in args.batch_sizes]
+    cases += [case("capsnet+torch_routing", "infer", args.infer_batch, 3, first)]
     if not args.no_naive:
         cases += [case("naive", "train", b, 3, first) for b in args.batch_sizes]
         cases += [case("naive", "infer", args.infer_batch, 3, first)]
@@ -185,7 +188,8 @@ def main(argv=None, runner=run_fresh) -> dict:
             "command": shlex.join(["python", "-m", "capsnet.tools.bench", *argv]),
             **machine_record(device, args.allocator, args.gemm_seconds), "device": str(device),
             "load_before": load_before, "busy_before": busy_before, "rounds": args.rounds, "warmup": args.warmup,
-            "steps": args.steps, "compile": args.compile, "channels_last": args.channels_last}
+            "steps": args.steps, "compile": args.compile, "channels_last": args.channels_last,
+            "routing_kernel": "cpp" if device.type == "cpu" and fused_cpu.available() else "torch"}  # built here, once
     cases = plan(args)
     print(f"capsnet.tools.bench: {describe(meta)}\n  {len(cases)} cases x {args.rounds} rounds, each in a fresh "
           f"process, {args.warmup} warm-up + median of {args.steps} steps", flush=True)

@@ -44,6 +44,8 @@ CASES = {
     "conv-only": CaseSpec(overrides=("model=capsnet",), wrap="conv-only", capsnet_family=True),
     "capsnet": CaseSpec(overrides=("model=capsnet",), capsnet_family=True),
     "naive": CaseSpec(overrides=("model=capsnet",), wrap="naive", capsnet_family=True),
+    # the same CapsNet with routing in PyTorch operations, beside the default fused C++ kernel
+    "capsnet+torch_routing": CaseSpec(overrides=("model=capsnet", "routing.kernel=torch"), capsnet_family=True),
     "capsnet+self_attention": CaseSpec(overrides=("model=capsnet", "routing=self_attention"), capsnet_family=True),
     "efficient_capsnet": CaseSpec(overrides=("model=efficient_capsnet",)),
     # On a 2-core CPU at batch 32 these two take about 30 s a step, and EM routing 15 GB: smaller batches.
