@@ -72,14 +72,16 @@ def test_fused_matches_autograd_on_explicit_votes(iters, squash, leaky, with_bia
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("with_grad_c", [False, True])
-def test_fused_equals_the_pytorch_path(with_grad_c):
-    """The two implementations `routing.kernel` chooses between agree to rounding, float64."""
-    u, weight, bias, grads = inputs(bsz=9, n_in=48, in_dim=8, n_out=10, dim=16)
+@pytest.mark.parametrize("iters, with_grad_c", [(3, False), (3, True), (4, True), (5, False), (7, True)])
+def test_fused_equals_the_pytorch_path(iters, with_grad_c):
+    """The two implementations `routing.kernel` chooses between agree to rounding, float64; 19 images
+    (per thread: a gradient block of 8 and the rest), up to 7 iterations (the kernel's unrolled and general paths)."""
+    u, weight, bias, grads = inputs(bsz=19, n_in=48, in_dim=8, n_out=10, dim=16)
     sq = get_squash("paper")
-    fused = value_and_grads(lambda u, w, b: FusedRoutingFunction.apply(u, w, b, 10, 3, "paper", False, False, None),
-                            u, weight, bias, grads, with_grad_c)
-    torch_path = value_and_grads(lambda u, w, b: _TransformRoutingFunction.apply(u, w, b, 10, 3, sq, False, False, None),
+    fused = value_and_grads(lambda u, w, b: FusedRoutingFunction.apply(u, w, b, 10, iters, "paper", False, False,
+                                                                       None), u, weight, bias, grads, with_grad_c)
+    torch_path = value_and_grads(lambda u, w, b: _TransformRoutingFunction.apply(u, w, b, 10, iters, sq, False,
+                                                                                 False, None),
                                  u, weight, bias, grads, with_grad_c)
     for a, b in zip(fused, torch_path):
         torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-13)

@@ -33,6 +33,7 @@ namespace {
 
 constexpr int kTile = 16;  // lower capsules side by side: one AVX-512 register of floats
 constexpr int kBlock = 4;  // images whose votes are made together, so that W is read once for them
+constexpr int kGradBlock = 8;  // images whose gradients of u and W are taken together (W, grad_W read once)
 
 // kTile lanes as one value (GCC/Clang vector extensions): a loop-carried sum stays in a register, where
 // an array in an `omp simd` loop went through the stack on every step.
@@ -163,16 +164,19 @@ void make_votes(const Sizes& z, const T* u, const T* W, int64_t b0, T* buf) {
   }
 }
 
-// The backward of u_hat = W u for NB images, lane by lane, from their votes' gradient g [NB, n, JD, kTile]:
-// grad_u[b, tile, k, :] = sum_e W[tile, k, e, :] g[e, :] and grad_W[tile, k, e, :] += u[b, tile, k, :] g[e, :].
-template <typename T, int NB>
-void votes_backward(const Sizes& z, const T* u, const T* W, const T* g, int64_t b0, T* grad_u, T* grad_w) {
+// The backward of u_hat = W u for NB images, lane by lane: grad_u[b, tile, k, :] = sum_e W[tile, k, e, :] g[e, :]
+// and grad_W[tile, k, e, :] += u[b, tile, k, :] g[e, :], where `expand(bb, tile, out)` writes one tile of
+// image bb's vote gradient g [JD, kTile] into `out` (gtile [NB, JD, kTile], in L1/L2).
+template <typename T, int NB, typename Expand>
+void votes_backward(const Sizes& z, const T* u, const T* W, int64_t b0, Expand&& expand, T* gtile, T* grad_u,
+                    T* grad_w) {
   const int64_t JD = z.JD(), K = z.K;
   for (int64_t tile = 0; tile < z.n; ++tile) {
     const T* gt[NB];
     const T* ut[NB];
     for (int bb = 0; bb < NB; ++bb) {
-      gt[bb] = g + bb * z.image_votes() + tile * z.tile_votes();
+      expand(bb, tile, gtile + bb * z.tile_votes());
+      gt[bb] = gtile + bb * z.tile_votes();
       ut[bb] = u + ((b0 + bb) * z.n + tile) * K * kTile;
     }
     for (int64_t k = 0; k < K; ++k) {
@@ -197,14 +201,18 @@ void votes_backward(const Sizes& z, const T* u, const T* W, const T* g, int64_t 
   }
 }
 
-// f(std::integral_constant<int, nb>) for 1 <= nb <= kBlock: the block size as a compile-time constant
+// f(std::integral_constant<int, nb>) for 1 <= nb <= 8: the block size as a compile-time constant
 template <typename F>
 void with_block(int64_t nb, F&& f) {
   switch (nb) {
     case 1: f(std::integral_constant<int, 1>{}); break;
     case 2: f(std::integral_constant<int, 2>{}); break;
     case 3: f(std::integral_constant<int, 3>{}); break;
-    default: f(std::integral_constant<int, 4>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 6: f(std::integral_constant<int, 6>{}); break;
+    case 7: f(std::integral_constant<int, 7>{}); break;
+    default: f(std::integral_constant<int, 8>{}); break;
   }
 }
 
@@ -294,18 +302,79 @@ void route_image(const Sizes& z, const T* uh, const T* bias, int iters, int kind
   std::copy(v.begin(), v.end(), v_out);
 }
 
-// Procedure 1 run backwards for one image: the gradient of its votes into g [n, JD, kTile]
-// (overwritten), the gradient of the bias on s added to grad_bias [J, D]. Mirrors `_route_backward`
-// in dynamic.py; gbt [J, I] is the gradient of the logits b_r, summed over the later iterations.
+// The gradient of one image's votes, kept factored as `_route_backward` in dynamic.py returns it:
+// g[j, i, :] = kappa[j, :] + sum_t left_t[j, i] right_t[j, :], one term per use of u_hat (kappa: the first
+// iteration's uniform couplings). Expanded a tile at a time where it is used, it is never stored whole.
+template <typename T>
+struct VoteGradient {
+  std::vector<const T*> left;  // [terms] -> [J, I] (a row of couplings, or of saved_b)
+  std::vector<T> right;        // [terms, JD]
+  std::vector<T> kappa;        // [JD]
+  std::vector<T> saved_b;      // [iters - 1, J, I]: the logits' gradient of each iteration r > 0
+  int terms = 0;
+
+  VoteGradient(const Sizes& z, int iters)
+      : left(2 * iters), right(2 * iters * z.JD()), kappa(z.JD()), saved_b(std::max(iters - 1, 1) * z.J * z.I()) {}
+
+  void add(const T* l, const T* r, int64_t JD) {
+    left[terms] = l;
+    std::copy(r, r + JD, right.begin() + terms * JD);
+    ++terms;
+  }
+
+  // g of lower-capsule tile `tile`, [JD, kTile], into out
+  void expand(const Sizes& z, int64_t tile, T* out) const {
+    switch (terms) {  // the left factors of a row in registers when there are few (up to 5 iterations)
+      case 0: expand_n<0>(z, tile, out); break;
+      case 1: expand_n<1>(z, tile, out); break;
+      case 2: expand_n<2>(z, tile, out); break;
+      case 3: expand_n<3>(z, tile, out); break;
+      case 4: expand_n<4>(z, tile, out); break;
+      case 5: expand_n<5>(z, tile, out); break;
+      case 6: expand_n<6>(z, tile, out); break;
+      case 7: expand_n<7>(z, tile, out); break;
+      case 8: expand_n<8>(z, tile, out); break;
+      default: expand_n<-1>(z, tile, out); break;
+    }
+  }
+
+  template <int N>  // N terms, or -1: `terms`, read at run time
+  void expand_n(const Sizes& z, int64_t tile, T* out) const {
+    const int64_t I = z.I(), J = z.J, D = z.D, JD = z.JD();
+    for (int64_t j = 0; j < J; ++j) {
+      if constexpr (N >= 0) {
+        Lanes<T> L[N > 0 ? N : 1];
+        for (int t = 0; t < N; ++t) L[t] = load(left[t] + j * I + tile * kTile);
+        for (int64_t d = 0; d < D; ++d) {
+          Lanes<T> g = Lanes<T>{} + kappa[j * D + d];
+          for (int t = 0; t < N; ++t) g += L[t] * right[t * JD + j * D + d];
+          store(out + (j * D + d) * kTile, g);
+        }
+      } else {
+        for (int64_t d = 0; d < D; ++d) {
+          Lanes<T> g = Lanes<T>{} + kappa[j * D + d];
+          for (int t = 0; t < terms; ++t) g += load(left[t] + j * I + tile * kTile) * right[t * JD + j * D + d];
+          store(out + (j * D + d) * kTile, g);
+        }
+      }
+    }
+  }
+};
+
+// Procedure 1 run backwards for one image whose votes uh [n, JD, kTile] are in cache: the gradient of its
+// votes into `grad` (factored), the gradient of the bias on s added to grad_bias [J, D]. Mirrors
+// `_route_backward` in dynamic.py; gbt [J, I] is the gradient of the logits b_r, summed over later r.
+// One pass over the votes per iteration after the first.
 template <typename T>
 void route_image_backward(const Sizes& z, const T* uh, const T* cs, int64_t c_stride, const T* ss,
                           int64_t s_stride, const T* grad_v, const T* grad_c, int iters, int kind, bool detach,
-                          T* g, T* grad_bias, T* gbt, T* acc) {
+                          VoteGradient<T>& grad, T* grad_bias, T* gbt, T* acc) {
   const int64_t I = z.I(), J = z.J, D = z.D, JD = z.JD();
-  std::vector<T> gv(JD), gs(JD), v_prev(JD), zero(JD);
-  std::vector<T> gc(J * kTile);
+  std::vector<T> gv(JD), gs(JD), v_prev(JD), gc(J * kTile);
   if (grad_v != nullptr) std::copy(grad_v, grad_v + JD, gv.begin());
   std::fill(gbt, gbt + J * I, T(0));
+  std::fill(grad.kappa.begin(), grad.kappa.end(), T(0));
+  grad.terms = 0;
   for (int r = iters - 1; r >= 0; --r) {
     const T* c = cs + r * c_stride;
     squash_rows_backward(kind, ss + r * s_stride, gv.data(), gs.data(), J, D);
@@ -314,53 +383,40 @@ void route_image_backward(const Sizes& z, const T* uh, const T* cs, int64_t c_st
     const bool last = r == iters - 1;
     const bool through_c = last || !detach;   // u_hat's gradient through s_r = sum_i c_r u_hat
     const bool through_b = r > 0 && !detach;  // ... and through b_r = b_{r-1} + u_hat . v_{r-1}
-    if (!through_c && r == 0) break;          // b_0 = 0 is a constant: nothing more flows
-    if (r > 0) {
-      squash_rows(kind, ss + (r - 1) * s_stride, v_prev.data(), J, D);
-      std::fill(acc, acc + JD * kTile, T(0));  // lanes of the gradient of v_{r-1}
+    if (r == 0) {  // b_0 = 0 is a constant: c_0 = 1 / J for every lower capsule, nothing flows further
+      if (through_c)
+        for (int64_t e = 0; e < JD; ++e) grad.kappa[e] = c[0] * gs[e];
+      break;
     }
-    const T* gsc = through_c ? gs.data() : zero.data();
-    const T* vb = through_b ? v_prev.data() : zero.data();
+    squash_rows(kind, ss + (r - 1) * s_stride, v_prev.data(), J, D);
+    std::fill(acc, acc + JD * kTile, T(0));  // lanes of the gradient of v_{r-1}
     for (int64_t tile = 0; tile < z.n; ++tile) {
       const T* x = uh + tile * z.tile_votes();
-      T* gt = g + tile * z.tile_votes();
       const T* ct = c + tile * kTile;
       T* bt = gbt + tile * kTile;
-      if (r > 0) {  // softmax backward: the gradient of b_r
-        T sc[kTile] = {};
-        for (int64_t j = 0; j < J; ++j) {
-          Lanes<T> a = (last && grad_c != nullptr) ? load(grad_c + j * I + tile * kTile) : Lanes<T>{};
-          for (int64_t d = 0; d < D; ++d) a += gs[j * D + d] * load(x + (j * D + d) * kTile);
-          store(gc.data() + j * kTile, a);
+      T sc[kTile] = {};  // softmax backward: the gradient of b_r
+      for (int64_t j = 0; j < J; ++j) {
+        Lanes<T> a = (last && grad_c != nullptr) ? load(grad_c + j * I + tile * kTile) : Lanes<T>{};
+        for (int64_t d = 0; d < D; ++d) a += gs[j * D + d] * load(x + (j * D + d) * kTile);
+        store(gc.data() + j * kTile, a);
 #pragma omp simd
-          for (int t = 0; t < kTile; ++t) sc[t] += ct[j * I + t] * gc[j * kTile + t];
-        }
-        for (int64_t j = 0; j < J; ++j)
-#pragma omp simd
-          for (int t = 0; t < kTile; ++t) bt[j * I + t] += ct[j * I + t] * (gc[j * kTile + t] - sc[t]);
+        for (int t = 0; t < kTile; ++t) sc[t] += ct[j * I + t] * gc[j * kTile + t];
       }
       for (int64_t j = 0; j < J; ++j) {
-        const T* cj = ct + j * I;
-        const T* bj = bt + j * I;
-        const T cw = through_c ? T(1) : T(0);
-        for (int64_t d = 0; d < D; ++d) {
+        const Lanes<T> cj = load(ct + j * I);
+        const Lanes<T> bj = load(bt + j * I) + cj * (load(gc.data() + j * kTile) - load(sc));
+        store(bt + j * I, bj);
+        for (int64_t d = 0; d < D; ++d) {  // the gradient of v_{r-1} through b_r's agreement
           const int64_t e = (j * D + d) * kTile;
-          const T gd = gsc[j * D + d], vd = vb[j * D + d];
-          if (last) {
-#pragma omp simd
-            for (int t = 0; t < kTile; ++t) gt[e + t] = cw * cj[t] * gd + bj[t] * vd;
-          } else {
-#pragma omp simd
-            for (int t = 0; t < kTile; ++t) gt[e + t] += cw * cj[t] * gd + bj[t] * vd;
-          }
-          if (r > 0) {
-#pragma omp simd
-            for (int t = 0; t < kTile; ++t) acc[e + t] += bj[t] * x[e + t];
-          }
+          store(acc + e, load(acc + e) + bj * load(x + e));
         }
       }
     }
-    if (r > 0) sum_lanes(acc, gv.data(), JD);
+    sum_lanes(acc, gv.data(), JD);
+    T* saved = grad.saved_b.data() + (r - 1) * J * I;
+    std::copy(gbt, gbt + J * I, saved);
+    if (through_c) grad.add(c, gs.data(), JD);
+    if (through_b) grad.add(saved, v_prev.data(), JD);
   }
 }
 
@@ -385,18 +441,27 @@ void backward_range(const Sizes& z, const T* u, const T* W, const T* cs, const T
                     const T* grad_c, int iters, int kind, bool detach, int64_t b_begin, int64_t b_end, T* grad_u,
                     T* grad_w, T* grad_bias) {
   const int64_t JD = z.JD(), per_image = z.image_votes();
-  std::vector<T> buf(kBlock * per_image), g(kBlock * per_image), gbt(z.J * z.I()), acc(JD * kTile);
-  for (int64_t b0 = b_begin; b0 < b_end; b0 += kBlock) {
-    const int64_t nb = std::min<int64_t>(kBlock, b_end - b0);
-    with_block(nb, [&](auto NB) { make_votes<T, decltype(NB)::value>(z, u, W, b0, buf.data()); });
-    for (int64_t bb = 0; bb < nb; ++bb) {
-      const int64_t b = b0 + bb;
-      route_image_backward(z, buf.data() + bb * per_image, cs + b * z.J * z.I(), z.B * z.J * z.I(), ss + b * JD,
-                           z.B * JD, grad_v ? grad_v + b * JD : nullptr, grad_c ? grad_c + b * z.J * z.I() : nullptr,
-                           iters, kind, detach, g.data() + bb * per_image, grad_bias, gbt.data(), acc.data());
+  std::vector<T> buf(kBlock * per_image), gtile(kGradBlock * z.tile_votes()), gbt(z.J * z.I()), acc(JD * kTile);
+  std::vector<VoteGradient<T>> grads(kGradBlock, VoteGradient<T>(z, iters));
+  for (int64_t g0 = b_begin; g0 < b_end; g0 += kGradBlock) {
+    const int64_t ng = std::min<int64_t>(kGradBlock, b_end - g0);
+    for (int64_t b0 = g0; b0 < g0 + ng; b0 += kBlock) {  // the routing backward, kBlock images' votes at a time
+      const int64_t nb = std::min<int64_t>(kBlock, g0 + ng - b0);
+      with_block(nb, [&](auto NB) { make_votes<T, decltype(NB)::value>(z, u, W, b0, buf.data()); });
+      for (int64_t bb = 0; bb < nb; ++bb) {
+        const int64_t b = b0 + bb;
+        route_image_backward(z, buf.data() + bb * per_image, cs + b * z.J * z.I(), z.B * z.J * z.I(),
+                             ss + b * JD, z.B * JD, grad_v ? grad_v + b * JD : nullptr,
+                             grad_c ? grad_c + b * z.J * z.I() : nullptr, iters, kind, detach, grads[b - g0],
+                             grad_bias, gbt.data(), acc.data());
+      }
     }
-    if (grad_u || grad_w)
-      with_block(nb, [&](auto NB) { votes_backward<T, decltype(NB)::value>(z, u, W, g.data(), b0, grad_u, grad_w); });
+    if (grad_u || grad_w) {
+      auto expand = [&](int bb, int64_t tile, T* out) { grads[bb].expand(z, tile, out); };
+      with_block(ng, [&](auto NB) {
+        votes_backward<T, decltype(NB)::value>(z, u, W, g0, expand, gtile.data(), grad_u, grad_w);
+      });
+    }
   }
 }
 
