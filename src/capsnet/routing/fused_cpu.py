@@ -167,8 +167,7 @@ class FusedRoutingFunction(torch.autograd.Function):
             grad_c = None if grad_c is None else F.pad(grad_c, (0, pad))
         grad_u, grad_w, grad_bias = load().backward(u_t, w_t, cs, ss, grad_v, grad_c, ctx.n_out, ctx.kind,
                                                     ctx.detach, need_u, need_w, need_bias and ctx.has_bias)
-        if grad_u is not None:
-            grad_u = grad_u.transpose(2, 3).reshape(grad_u.shape[0], -1, grad_u.shape[2])[:, :ctx.n_in]
-        if grad_w is not None:
-            grad_w = grad_w.permute(0, 3, 1, 2).reshape(-1, *grad_w.shape[1:3])[:ctx.n_in]
+        if pad:  # the kernel returns them in u's and W's layouts, padded capsules included
+            grad_u = None if grad_u is None else grad_u[:, :ctx.n_in]
+            grad_w = None if grad_w is None else grad_w[:ctx.n_in]
         return grad_u, grad_w, grad_bias, None, None, None, None, None, None

@@ -164,12 +164,12 @@ void make_votes(const Sizes& z, const T* u, const T* W, int64_t b0, T* buf) {
   }
 }
 
-// The backward of u_hat = W u for NB images, lane by lane: grad_u[b, tile, k, :] = sum_e W[tile, k, e, :] g[e, :]
+// The backward of u_hat = W u for NB images, lane by lane: grad_u[b, tile * kTile + t, k] = sum_e W[tile, k, e, t] g[e, t]
 // and grad_W[tile, k, e, :] += u[b, tile, k, :] g[e, :], where `expand(bb, tile, out)` writes one tile of
 // image bb's vote gradient g [JD, kTile] into `out` (gtile [NB, JD, kTile], in L1/L2).
 template <typename T, int NB, typename Expand>
 void votes_backward(const Sizes& z, const T* u, const T* W, int64_t b0, Expand&& expand, T* gtile, T* grad_u,
-                    T* grad_w) {
+                    T* grad_w, bool accumulate) {
   const int64_t JD = z.JD(), K = z.K;
   for (int64_t tile = 0; tile < z.n; ++tile) {
     const T* gt[NB];
@@ -193,10 +193,11 @@ void votes_backward(const Sizes& z, const T* u, const T* W, int64_t b0, Expand&&
           a[bb] += w * ge;
           gw += uk[bb] * ge;
         }
-        if (gWk) store(gWk + e * kTile, load(gWk + e * kTile) + gw);
+        if (gWk) store(gWk + e * kTile, accumulate ? load(gWk + e * kTile) + gw : gw);
       }
-      if (grad_u)
-        for (int bb = 0; bb < NB; ++bb) store(grad_u + ((b0 + bb) * z.n + tile) * K * kTile + k * kTile, a[bb]);
+      if (grad_u)  // grad_u in u's own layout [B, I, K]
+        for (int bb = 0; bb < NB; ++bb)
+          for (int t = 0; t < kTile; ++t) grad_u[((b0 + bb) * z.I() + tile * kTile + t) * K + k] = a[bb][t];
     }
   }
 }
@@ -459,7 +460,7 @@ void backward_range(const Sizes& z, const T* u, const T* W, const T* cs, const T
     if (grad_u || grad_w) {
       auto expand = [&](int bb, int64_t tile, T* out) { grads[bb].expand(z, tile, out); };
       with_block(ng, [&](auto NB) {
-        votes_backward<T, decltype(NB)::value>(z, u, W, g0, expand, gtile.data(), grad_u, grad_w);
+        votes_backward<T, decltype(NB)::value>(z, u, W, g0, expand, gtile.data(), grad_u, grad_w, g0 > b_begin);
       });
     }
   }
@@ -515,8 +516,9 @@ std::vector<torch::Tensor> backward(torch::Tensor u, torch::Tensor W, torch::Ten
   const int64_t iters = cs.size(0), parts = thread_parts(z.B);
   torch::Tensor gv = grad_v.has_value() ? grad_v->contiguous() : torch::Tensor();
   torch::Tensor gc = grad_c.has_value() ? grad_c->contiguous() : torch::Tensor();
-  auto grad_u = need_u ? torch::empty_like(u) : torch::Tensor();
-  auto grad_w_parts = need_w ? torch::zeros({parts, z.n, z.K, z.JD(), kTile}, u.options()) : torch::Tensor();
+  auto grad_u = need_u ? torch::empty({z.B, z.I(), z.K}, u.options()) : torch::Tensor();
+  // each thread's sum of grad_W (its first block of images writes it, the others add)
+  auto grad_w_parts = need_w ? torch::empty({parts, z.n, z.K, z.JD(), kTile}, u.options()) : torch::Tensor();
   auto grad_bias_parts = torch::zeros({parts, z.J, z.D}, u.options());
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "capsnet_routing_backward", [&] {
     const scalar_t* gvp = gv.defined() ? gv.data_ptr<scalar_t>() : nullptr;
@@ -529,7 +531,23 @@ std::vector<torch::Tensor> backward(torch::Tensor u, torch::Tensor W, torch::Ten
           grad_bias_parts.data_ptr<scalar_t>() + p * z.JD());
     });
   });
-  auto grad_w = need_w ? (parts == 1 ? grad_w_parts[0] : grad_w_parts.sum(0)) : torch::Tensor();
+  torch::Tensor grad_w;
+  if (need_w) {  // the threads' sums, into W's own layout [I, K, JD]
+    grad_w = torch::empty({z.I(), z.K, z.JD()}, u.options());
+    AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "capsnet_routing_grad_w", [&] {
+      const scalar_t* src = grad_w_parts.data_ptr<scalar_t>();
+      scalar_t* dst = grad_w.data_ptr<scalar_t>();
+      const int64_t per_tile = z.K * z.JD() * kTile, KJD = z.K * z.JD();
+      at::parallel_for(0, z.n, 1, [&](int64_t t0, int64_t t1) {
+        for (int64_t tile = t0; tile < t1; ++tile)
+          for (int64_t ke = 0; ke < KJD; ++ke) {
+            Lanes<scalar_t> sum = load(src + tile * per_tile + ke * kTile);
+            for (int64_t p = 1; p < parts; ++p) sum += load(src + p * W.numel() + tile * per_tile + ke * kTile);
+            for (int t = 0; t < kTile; ++t) dst[(tile * kTile + t) * KJD + ke] = sum[t];
+          }
+      });
+    });
+  }
   auto grad_bias = need_bias ? grad_bias_parts.sum(0) : torch::Tensor();
   return {grad_u, grad_w, grad_bias};
 }
