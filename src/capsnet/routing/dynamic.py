@@ -11,8 +11,11 @@ the routing is memory traffic (docs/performance.md). It is read as
 [batch, n_out, n_in, dim], where both contractions are batched matmuls over
 contiguous memory. Two entry points:
 
-- `DynamicRouting.route_transformed(u, W)`, the path `ClassCapsules` takes:
-  the votes W_ij u_i are made inside one autograd function, a cache-sized
+- `DynamicRouting.route_transformed(u, W)`, the path `ClassCapsules` takes.
+  On a CPU it runs the fused C++ kernel (`capsnet.routing.fused_cpu`,
+  `routing.kernel`), which keeps the votes in cache for every iteration.
+  Otherwise (`routing.kernel=torch`, a GPU) the votes W_ij u_i are made
+  inside one autograd function, a cache-sized
   chunk of lower capsules at a time, straight into that layout. The backward
   keeps the gradient of u_hat factored (one outer product per use of u_hat)
   and expands it chunk by chunk into the gradients of u and W: no full-size
