@@ -123,9 +123,11 @@ def test_shared_transform_uses_one_matrix_for_all_inputs():
     torch.testing.assert_close(u_hat[1, 2], (u[1, 2] @ layer.weight[0]).view(3, 5))
 
 
-def autograd_routing(u_hat, iters, leaky=False, bias=None, detach_intermediate=False):
-    """Procedure 1 in plain differentiable torch ops: the gradient reference for the hand-written backward."""
-    from capsnet.nn.squash import squash
+def autograd_routing(u_hat, iters, leaky=False, bias=None, detach_intermediate=False, squash=None):
+    """Procedure 1 in plain differentiable torch ops on u_hat [B, I, J, D]: the gradient reference for the
+    hand-written backward (and the fused kernel's); (v, c [B, I, J]). `squash`: the paper's by default."""
+    if squash is None:
+        from capsnet.nn.squash import squash
 
     u_mid = u_hat.detach() if detach_intermediate else u_hat
     b = torch.zeros(u_hat.shape[:3], dtype=u_hat.dtype)
@@ -208,7 +210,7 @@ def test_class_capsules_fast_path_matches_autograd_on_explicit_votes(monkeypatch
     from capsnet.routing import dynamic
 
     monkeypatch.setattr(dynamic, "_chunk_size", lambda n_in, row: 3)  # 11 lower capsules: chunks 3, 3, 3, 2
-    routing = DynamicRouting(iters, leaky=leaky, detach_intermediate=detach)
+    routing = DynamicRouting(iters, leaky=leaky, detach_intermediate=detach, kernel="torch")  # the PyTorch path
     layer = ClassCapsules(in_capsules=11, in_dim=3, out_capsules=4, out_dim=5, routing=routing,
                           bias=with_bias, init_std=0.5, bias_init=0.1).double()
     u = torch.randn(3, 11, 3, dtype=torch.float64, requires_grad=True)
@@ -240,8 +242,10 @@ def test_class_capsules_fast_path_gradcheck_in_float64(monkeypatch):
     assert torch.autograd.gradcheck(fn, (u, w, bias))
 
 
-def test_class_capsules_fast_path_runs_in_float32_under_bf16_autocast():
-    layer = ClassCapsules(in_capsules=20, in_dim=8, out_capsules=10, out_dim=16, init_std=0.1)
+@pytest.mark.parametrize("kernel", ["torch", "cpp"])  # the PyTorch path and the fused C++ kernel
+def test_class_capsules_fast_path_runs_in_float32_under_bf16_autocast(kernel):
+    layer = ClassCapsules(in_capsules=20, in_dim=8, out_capsules=10, out_dim=16, init_std=0.1,
+                          routing=DynamicRouting(kernel=kernel))
     u = torch.randn(2, 20, 8)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         v, _, c = layer(u.bfloat16())

@@ -16,21 +16,7 @@ from capsnet.nn.squash import get_squash
 from capsnet.routing import dynamic, fused_cpu
 from capsnet.routing.dynamic import DynamicRouting, _TransformRoutingFunction
 from capsnet.routing.fused_cpu import FusedRoutingFunction
-
-
-def autograd_routing(u_hat, iters, squash, leaky=False, bias=None, detach=False):
-    """Procedure 1 in differentiable torch ops on u_hat [B, I, J, D]: (v, c [B, J, I])."""
-    u_mid = u_hat.detach() if detach else u_hat
-    b = torch.zeros(u_hat.shape[:3], dtype=u_hat.dtype)
-    for r in range(iters):
-        uu = u_hat if r == iters - 1 else u_mid
-        logits = torch.cat([b, torch.zeros_like(b[..., :1])], -1) if leaky else b
-        c = torch.softmax(logits, -1)[..., : b.shape[-1]]
-        s = (c.unsqueeze(-1) * uu).sum(1)
-        v = squash(s + bias if bias is not None else s)
-        if r < iters - 1:
-            b = b + (uu * v.unsqueeze(1)).sum(-1)
-    return v, c.transpose(1, 2)
+from test_routing import autograd_routing
 
 
 def explicit_votes(u, weight, n_out):
@@ -66,8 +52,11 @@ def test_fused_matches_autograd_on_explicit_votes(iters, squash, leaky, with_bia
     u, weight, bias, grads = inputs(with_bias=with_bias)
     fused = value_and_grads(lambda u, w, b: FusedRoutingFunction.apply(u, w, b, 4, iters, squash, leaky, detach, None),
                             u, weight, bias, grads)
-    ref = value_and_grads(lambda u, w, b: autograd_routing(explicit_votes(u, w, 4), iters, get_squash(squash), leaky,
-                                                           b, detach), u, weight, bias, grads)
+    def reference(u, w, b):
+        v, c = autograd_routing(explicit_votes(u, w, 4), iters, leaky, b, detach, squash=get_squash(squash))
+        return v, c.transpose(1, 2)
+
+    ref = value_and_grads(reference, u, weight, bias, grads)
     for a, b in zip(fused, ref):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
@@ -147,17 +136,6 @@ def test_class_capsules_take_the_kernel_the_config_names(monkeypatch, kernel, fu
     torch.testing.assert_close(c, c_ref, rtol=1e-5, atol=1e-6)
 
 
-def test_fused_runs_in_float32_under_bf16_autocast():
-    layer = ClassCapsules(in_capsules=20, in_dim=8, out_capsules=10, out_dim=16, init_std=0.1)
-    assert layer.routing.kernel == "auto"
-    u = torch.randn(2, 20, 8)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        v, _, c = layer(u.bfloat16())
-    v_ref, _, c_ref = layer(u.bfloat16().float())
-    assert v.dtype == c.dtype == torch.float32
-    torch.testing.assert_close(v, v_ref)
-
-
 @pytest.fixture
 def kernel_unavailable(monkeypatch):
     """As on a machine without a C++ compiler."""
@@ -199,3 +177,18 @@ def test_kernel_is_built_for_this_cpu(monkeypatch):
     assert fused_cpu.load().__name__ == here
     monkeypatch.setattr(fused_cpu, "_cpu_signature", lambda: "model name : another CPU")
     assert fused_cpu.kernel_name()[0] != here
+
+
+@pytest.mark.parametrize("kernel", ["torch", "cpp"])
+def test_recording_changes_no_number(kernel):
+    """Diagnostics turn `record` on; the layer then also hands the votes to the routing module (for the
+    recorder's hook) but routes from (u, W) as without recording: the same outputs, bit for bit."""
+    layer = ClassCapsules(37, 8, 10, 16, routing=DynamicRouting(3, kernel=kernel), init_std=0.1)
+    u = torch.randn(3, 37, 8)
+    v, _, c = layer(u)
+    seen = []
+    layer.routing.register_forward_hook(lambda module, args, out: seen.append(args[0].shape))
+    layer.routing.record = True
+    v_rec, _, c_rec = layer(u)
+    assert torch.equal(v, v_rec) and torch.equal(c, c_rec)
+    assert seen == [(3, 37, 10, 16)] and len(layer.routing.recorded["couplings"]) == 3
