@@ -18,6 +18,7 @@
 // Layouts (contiguous; n = number of tiles, I = n * kTile, JD = J * D):
 //   u [B, n, K, kTile]; W [n, K, JD, kTile]; bias [J, D]; v [B, J, D];
 //   couplings c [R, B, J, I]; s [R, B, J, D]; per image inside a thread: u_hat [n, JD, kTile].
+// The backward returns the gradients in u's and W's own layouts, [B, I, K] and [I, K, JD].
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -202,19 +203,14 @@ void votes_backward(const Sizes& z, const T* u, const T* W, int64_t b0, Expand&&
   }
 }
 
-// f(std::integral_constant<int, nb>) for 1 <= nb <= 8: the block size as a compile-time constant
-template <typename F>
+// f(std::integral_constant<int, nb>) for 1 <= nb <= Max: the block size as a compile-time constant
+// (only the sizes a caller can reach are instantiated)
+template <int Max, typename F>
 void with_block(int64_t nb, F&& f) {
-  switch (nb) {
-    case 1: f(std::integral_constant<int, 1>{}); break;
-    case 2: f(std::integral_constant<int, 2>{}); break;
-    case 3: f(std::integral_constant<int, 3>{}); break;
-    case 4: f(std::integral_constant<int, 4>{}); break;
-    case 5: f(std::integral_constant<int, 5>{}); break;
-    case 6: f(std::integral_constant<int, 6>{}); break;
-    case 7: f(std::integral_constant<int, 7>{}); break;
-    default: f(std::integral_constant<int, 8>{}); break;
+  if constexpr (Max > 1) {
+    if (nb < Max) return with_block<Max - 1>(nb, std::forward<F>(f));
   }
+  f(std::integral_constant<int, Max>{});
 }
 
 // c[j, :] = softmax over j of the logits b[j, :] (rows `stride` apart), kTile lower capsules at once;
@@ -428,7 +424,7 @@ void forward_range(const Sizes& z, const T* u, const T* W, const T* bias, int it
   std::vector<T> buf(kBlock * z.image_votes()), logits(z.J * z.I()), acc(z.JD() * kTile);
   for (int64_t b0 = b_begin; b0 < b_end; b0 += kBlock) {
     const int64_t nb = std::min<int64_t>(kBlock, b_end - b0);
-    with_block(nb, [&](auto NB) { make_votes<T, decltype(NB)::value>(z, u, W, b0, buf.data()); });
+    with_block<kBlock>(nb, [&](auto NB) { make_votes<T, decltype(NB)::value>(z, u, W, b0, buf.data()); });
     for (int64_t bb = 0; bb < nb; ++bb) {
       const int64_t b = b0 + bb;
       route_image(z, buf.data() + bb * z.image_votes(), bias, iters, kind, leaky, logits.data(), acc.data(),
@@ -448,7 +444,7 @@ void backward_range(const Sizes& z, const T* u, const T* W, const T* cs, const T
     const int64_t ng = std::min<int64_t>(kGradBlock, b_end - g0);
     for (int64_t b0 = g0; b0 < g0 + ng; b0 += kBlock) {  // the routing backward, kBlock images' votes at a time
       const int64_t nb = std::min<int64_t>(kBlock, g0 + ng - b0);
-      with_block(nb, [&](auto NB) { make_votes<T, decltype(NB)::value>(z, u, W, b0, buf.data()); });
+      with_block<kBlock>(nb, [&](auto NB) { make_votes<T, decltype(NB)::value>(z, u, W, b0, buf.data()); });
       for (int64_t bb = 0; bb < nb; ++bb) {
         const int64_t b = b0 + bb;
         route_image_backward(z, buf.data() + bb * per_image, cs + b * z.J * z.I(), z.B * z.J * z.I(),
@@ -459,7 +455,7 @@ void backward_range(const Sizes& z, const T* u, const T* W, const T* cs, const T
     }
     if (grad_u || grad_w) {
       auto expand = [&](int bb, int64_t tile, T* out) { grads[bb].expand(z, tile, out); };
-      with_block(ng, [&](auto NB) {
+      with_block<kGradBlock>(ng, [&](auto NB) {
         votes_backward<T, decltype(NB)::value>(z, u, W, g0, expand, gtile.data(), grad_u, grad_w, g0 > b_begin);
       });
     }
