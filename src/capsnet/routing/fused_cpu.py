@@ -58,6 +58,7 @@ def compiler_flags(cpu: str) -> list[str]:
 
 
 def kernel_dir() -> Path:
+    """Where builds are kept: $CAPSNET_KERNEL_DIR, else ~/.cache/capsnet/kernels."""
     return Path(os.environ.get("CAPSNET_KERNEL_DIR") or Path.home() / ".cache" / "capsnet" / "kernels")
 
 
@@ -89,7 +90,8 @@ def load():
     try:
         _put_ninja_on_path()
         quiet = logging.getLogger("torch.utils.cpp_extension")
-        level, quiet.level = quiet.level, logging.ERROR  # its "No CUDA runtime is found" note, on import
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)  # its "No CUDA runtime is found" note, logged on import
         try:
             from torch.utils.cpp_extension import load as build
         finally:
@@ -99,7 +101,7 @@ def load():
             print(f"capsnet: compiling the fused routing kernel into {build_dir} (once, about 30 s)",
                   file=sys.stderr, flush=True)
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "no CUDA runtime found" and similar notes of the build tools
+            warnings.simplefilter("ignore")  # the build tools' notes (compiler version and ABI checks)
             return build(name, [str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
                          build_directory=str(build_dir), verbose=False)
     except Exception as err:  # a missing compiler or ninja, a failed build: name it in one line
