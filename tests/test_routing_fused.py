@@ -115,6 +115,18 @@ def test_fused_records_every_iteration_like_the_pytorch_path():
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
+def test_inference_writes_the_last_couplings_only_and_gives_the_same_numbers():
+    """Without a gradient to take (inference) the kernel keeps the last iteration's couplings alone."""
+    u, weight, bias, _ = inputs(dtype=torch.float32)
+    weight.requires_grad_(True)
+    v, c = FusedRoutingFunction.apply(u, weight, bias, 4, 3, "paper", False, False, None)
+    with torch.no_grad():
+        v_inf, c_inf = FusedRoutingFunction.apply(u, weight, bias, 4, 3, "paper", False, False, None)
+        _, cs, _ = fused_cpu.load().forward(*fused_cpu._tile_inputs(u, weight), bias, 4, 3, 0, False, False)
+    assert cs.shape[0] == 1
+    assert torch.equal(v_inf, v.detach()) and torch.equal(c_inf, c.detach())
+
+
 def count_fused_calls(monkeypatch):
     calls = []
     apply = FusedRoutingFunction.apply
@@ -150,7 +162,8 @@ def kernel_unavailable(monkeypatch):
 def test_auto_falls_back_to_pytorch_with_one_warning(kernel_unavailable, monkeypatch):
     calls = count_fused_calls(monkeypatch)
     layer = ClassCapsules(20, 8, 10, 16, routing=DynamicRouting(3, kernel="auto"), init_std=0.1)
-    with pytest.warns(UserWarning, match="kernel is unavailable .*no compiler.*routing.kernel=torch"):
+    unavailable = r"kernel \(routing, PrimaryCaps squash\) is unavailable .*no compiler.*routing.kernel=torch"
+    with pytest.warns(UserWarning, match=unavailable):
         layer(torch.randn(2, 20, 8))
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -7,7 +7,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from capsnet.errors import CapsnetError
-from capsnet.routing.dynamic import DynamicRouting
+from capsnet.routing import fused_cpu
+from capsnet.routing.dynamic import KERNELS, DynamicRouting
 from capsnet.nn.features import check_init, init_layer, truncated_normal_
 from capsnet.nn.squash import get_squash
 from capsnet.types import RoutingOutput
@@ -29,13 +30,22 @@ class PrimaryCapsules(nn.Module):
     (the bias is the convolution's own, so the parameters keep their names);
     `init="truncated_normal"` is that layer's initialisation (std 0.1, bias
     0.1: layers.py lines 316-319).
+
+    `kernel` ("auto" | "cpp" | "torch", the configs pass `routing.kernel`):
+    on a CPU the reshape and squash run as one compiled pass each way
+    (`capsnet.routing.fused_cpu.ChannelSquashFunction`), the same maths as
+    the PyTorch operations below, which run otherwise.
     """
 
     def __init__(self, in_channels: int, capsules: int = 32, capsule_dim: int = 8,
                  kernel_size: int = 9, stride: int = 2, squash: str | None = "paper", padding: int | str = 0,
                  divide_by_types: bool = False, init: str = "default", init_std: float = 0.1,
-                 bias_init: float = 0.1):
+                 bias_init: float = 0.1, kernel: str = "auto"):
         super().__init__()
+        kernel = getattr(kernel, "value", kernel)
+        if kernel not in KERNELS:
+            raise CapsnetError(f"model.primary.kernel={kernel} is unknown: choose one of {', '.join(KERNELS)}")
+        self.kernel, self.squash_name = kernel, squash
         check_init(init, "model.primary")
         self.capsules, self.capsule_dim = capsules, capsule_dim
         self.same = padding == "same"
@@ -64,6 +74,8 @@ class PrimaryCapsules(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.preactivation(x)
+        if self.squash is not None and fused_cpu.use_kernel(self.kernel, y.device):
+            return fused_cpu.ChannelSquashFunction.apply(y, self.capsule_dim, self.squash_name)
         bsz, _, h, w = y.shape
         u = y.view(bsz, self.capsules, self.capsule_dim, h, w).permute(0, 1, 3, 4, 2)
         u = u.reshape(bsz, self.capsules * h * w, self.capsule_dim)

@@ -34,7 +34,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from capsnet.errors import CapsnetError
 from capsnet.nn.squash import at_least_float32, get_squash
 from capsnet.routing import fused_cpu
 from capsnet.types import RoutingOutput
@@ -308,16 +307,7 @@ class DynamicRouting(nn.Module):
 
     def _fused(self, device: torch.device) -> bool:
         """Whether `route_transformed` runs the fused C++ kernel (`kernel`, on a CPU)."""
-        if self.kernel == "torch" or device.type != "cpu":
-            return False
-        if self.kernel == "auto":
-            return fused_cpu.available()
-        try:
-            fused_cpu.load()
-        except fused_cpu.KernelUnavailable as err:
-            raise CapsnetError(f"routing.kernel=cpp: the fused routing kernel cannot be built here ({err}); "
-                               "install a C++ compiler and ninja, or set routing.kernel=auto or torch") from None
-        return True
+        return fused_cpu.use_kernel(self.kernel, device)
 
     @staticmethod
     def _bias(bias, dtype):

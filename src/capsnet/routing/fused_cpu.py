@@ -30,7 +30,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-SOURCE = Path(__file__).with_name("csrc") / "dynamic_routing.cpp"
+from capsnet.errors import CapsnetError
+
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = [CSRC / "dynamic_routing.cpp", CSRC / "capsule_squash.cpp"]  # built as one module
 SQUASH_KINDS = {"paper": 0, "keras": 1, "efficient": 2}  # the kernel's numbering of capsnet.nn.squash
 
 
@@ -78,7 +81,8 @@ def kernel_name() -> tuple[str, list[str]]:
     flags and the CPU, so a stale or foreign build is never loaded."""
     cpu = _cpu_signature()
     flags = compiler_flags(cpu)
-    key = "\n".join([SOURCE.read_text(), torch.__version__, sys.version, " ".join(flags), cpu])
+    code = [f.read_text() for f in sorted(CSRC.glob("*.[ch]*"))]  # the sources and their headers
+    key = "\n".join([*code, torch.__version__, sys.version, " ".join(flags), cpu])
     return "capsnet_routing_" + hashlib.sha256(key.encode()).hexdigest()[:16], flags
 
 
@@ -102,7 +106,7 @@ def load():
                   file=sys.stderr, flush=True)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the build tools' notes (compiler version and ABI checks)
-            return build(name, [str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+            return build(name, [str(f) for f in SOURCES], extra_cflags=flags, extra_ldflags=["-fopenmp"],
                          build_directory=str(build_dir), verbose=False)
     except Exception as err:  # a missing compiler or ninja, a failed build: name it in one line
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -116,8 +120,9 @@ def available() -> bool:
         load()
         return True
     except KernelUnavailable as err:
-        warnings.warn(f"routing.kernel=auto: the fused CPU routing kernel is unavailable ({err}); using the "
-                      "PyTorch implementation (slower). Set routing.kernel=torch to silence this.", stacklevel=2)
+        warnings.warn(f"routing.kernel=auto: the fused CPU kernel (routing, PrimaryCaps squash) is unavailable "
+                      f"({err}); using PyTorch operations (slower). Set routing.kernel=torch to silence this.",
+                      stacklevel=2)
         return False
 
 
@@ -150,11 +155,14 @@ class FusedRoutingFunction(torch.autograd.Function):
         kind = SQUASH_KINDS[squash]
         n_in = u.shape[1]
         u_t, w_t = _tile_inputs(u, weight)
-        v, cs, ss = load().forward(u_t, w_t, bias, n_out, iters, kind, leaky)
+        # every iteration's couplings for the backward and the recorder; else (inference) the last one's
+        keep_all = record is not None or any(ctx.needs_input_grad[:3])
+        v, cs, ss = load().forward(u_t, w_t, bias, n_out, iters, kind, leaky, keep_all)
         cs = cs[..., :n_in]
         if record is not None:
             record.extend(c.transpose(1, 2) for c in cs)
-        ctx.save_for_backward(u_t, w_t, cs, ss)
+        if keep_all:
+            ctx.save_for_backward(u_t, w_t, cs, ss)
         ctx.n_in, ctx.n_out, ctx.kind = n_in, n_out, kind
         ctx.detach, ctx.has_bias = detach_intermediate, bias is not None
         return v, cs[-1]
@@ -173,3 +181,35 @@ class FusedRoutingFunction(torch.autograd.Function):
             grad_u = None if grad_u is None else grad_u[:, :ctx.n_in]
             grad_w = None if grad_w is None else grad_w[:ctx.n_in]
         return grad_u, grad_w, grad_bias, None, None, None, None, None, None
+
+
+class ChannelSquashFunction(torch.autograd.Function):
+    """y [B, types * dim, H, W] -> u [B, types * H * W, dim], squashed: PrimaryCaps' reshape and squash
+    (`capsnet.nn.capsules.PrimaryCapsules`) in one pass each way (csrc/capsule_squash.cpp). Half-precision
+    y gives float32 capsules, as `capsnet.nn.squash` does."""
+
+    @staticmethod
+    def forward(ctx, y, capsule_dim, squash):
+        ctx.capsule_dim, ctx.kind = capsule_dim, SQUASH_KINDS[squash]
+        ctx.save_for_backward(y)
+        return load().channel_squash_forward(y, capsule_dim, ctx.kind)
+
+    @staticmethod
+    def backward(ctx, grad_u):
+        (y,) = ctx.saved_tensors
+        return load().channel_squash_backward(y, grad_u, ctx.capsule_dim, ctx.kind), None, None
+
+
+def use_kernel(kernel: str, device: torch.device, setting: str = "routing.kernel") -> bool:
+    """Whether to run this module's kernels for a `kernel` setting ("auto" | "cpp" | "torch") on `device`:
+    "cpp" where they cannot be built is a one-line CapsnetError naming `setting`; a GPU runs PyTorch."""
+    if kernel == "torch" or device.type != "cpu":
+        return False
+    if kernel == "auto":
+        return available()
+    try:
+        load()
+    except KernelUnavailable as err:
+        raise CapsnetError(f"{setting}=cpp: the fused CPU kernels cannot be built here ({err}); "
+                           f"install a C++ compiler and ninja, or set {setting}=auto or torch") from None
+    return True

@@ -24,7 +24,7 @@ MAY_DIFFER = ("out_dir", "trainer.epochs", "trainer.steps", "trainer.resume", "t
               "trainer.ckpt_every_steps", "trainer.num_workers", "trainer.threads", "trainer.dist_timeout_s",
               "trainer.stop_at", "trainer.eval_batch_size", "trainer.allocator", "trainer.device",
               "trainer.keep_checkpoints", "dataset.root", "dataset.download", "optim.fused",
-              "optim.optimizer.fused", "routing.kernel")
+              "optim.optimizer.fused", "routing.kernel", "model.primary.kernel")
 
 
 def _flat(node, prefix: str = "") -> dict:

@@ -17,7 +17,9 @@
 //
 // Layouts (contiguous; n = number of tiles, I = n * kTile, JD = J * D):
 //   u [B, n, K, kTile]; W [n, K, JD, kTile]; bias [J, D]; v [B, J, D];
-//   couplings c [R, B, J, I]; s [R, B, J, D]; per image inside a thread: u_hat [n, JD, kTile].
+//   couplings c [R, B, J, I] (R = iters, or 1 with the last iteration's alone when nothing will take
+//   the gradient: inference writes a third of them); s [R, B, J, D]; per image inside a thread:
+//   u_hat [n, JD, kTile].
 // The backward returns the gradients in u's and W's own layouts, [B, I, K] and [I, K, JD].
 
 #include <torch/extension.h>
@@ -29,6 +31,9 @@
 #include <cstring>
 #include <type_traits>
 #include <vector>
+
+#include "capsule_squash.h"
+#include "squash.h"
 
 namespace {
 
@@ -57,27 +62,7 @@ inline void store(T* p, Lanes<T> v) {
   std::memcpy(p, &v, sizeof v);
 }
 
-enum SquashKind { kPaper = 0, kKeras = 1, kEfficient = 2 };
-
-// v = s g(|s|^2) for each squash of capsnet.nn.squash (EPS inside the square root, as there);
-// `dg` is dg/d|s|^2, for the backward.
-template <typename T>
-inline void squash_scale(int kind, T n2, T& g, T& dg) {
-  const T eps = T(1e-8);
-  const T r = std::sqrt(n2 + eps);
-  if (kind == kPaper) {  // g = n2 / ((1 + n2) r)
-    g = n2 / ((T(1) + n2) * r);
-    dg = (T(1) - n2 / (T(1) + n2) - n2 / (T(2) * (n2 + eps))) / ((T(1) + n2) * r);
-  } else if (kind == kKeras) {  // g = r / (0.5 + n2)
-    const T q = T(0.5) + n2;
-    g = r / q;
-    dg = T(1) / (T(2) * r * q) - r / (q * q);
-  } else {  // g = (1 - exp(-r)) / r
-    const T e = -std::expm1(-r);
-    g = e / r;
-    dg = (std::exp(-r) / r - e / (r * r)) / (T(2) * r);
-  }
-}
+using capsnet::squash_scale;
 
 // v [J, D] = squash(s [J, D]), one capsule at a time
 template <typename T>
@@ -238,6 +223,34 @@ inline void coupling_softmax(const T* b, T* c, int64_t J, int64_t stride, bool l
     for (int t = 0; t < kTile; ++t) c[j * stride + t] *= sum[t];
 }
 
+constexpr int kChunk = 4;  // upper capsules whose agreements are summed together (independent chains)
+constexpr int kSumTiles = 4;   // tiles whose weighted sums are added to the accumulator together
+
+// b[q] += sum_d v[q, d] x[q, d, :] for Q upper capsules (rows of b `stride` apart), Q independent sums
+template <typename T, int Q>
+inline void agree(const T* x, const T* v, T* b, int64_t stride, int64_t D) {
+  Lanes<T> a[Q];
+  for (int q = 0; q < Q; ++q) a[q] = load(b + q * stride);
+  for (int64_t d = 0; d < D; ++d)
+    for (int q = 0; q < Q; ++q) a[q] += v[q * D + d] * load(x + (q * D + d) * kTile);
+  for (int q = 0; q < Q; ++q) store(b + q * stride, a[q]);
+}
+
+// acc [JD, kTile] += c[p, j, :] x[p, j, d, :] summed over P consecutive tiles (votes `step` apart)
+template <typename T, int P>
+inline void weighted_sum(const T* x, int64_t step, const T* c, int64_t I, int64_t J, int64_t D, T* acc) {
+  for (int64_t j = 0; j < J; ++j) {
+    Lanes<T> cj[P];
+    for (int p = 0; p < P; ++p) cj[p] = load(c + j * I + p * kTile);
+    for (int64_t d = 0; d < D; ++d) {
+      const int64_t e = (j * D + d) * kTile;
+      Lanes<T> s = load(acc + e);
+      for (int p = 0; p < P; ++p) s += cj[p] * load(x + p * step + e);
+      store(acc + e, s);
+    }
+  }
+}
+
 // sum over the lanes of acc [JD, kTile] into out [JD]
 template <typename T>
 inline void sum_lanes(const T* acc, T* out, int64_t JD) {
@@ -252,11 +265,12 @@ inline void sum_lanes(const T* acc, T* out, int64_t JD) {
 // every iteration (rows of c_out, iterations c_stride apart), s likewise, and v.
 template <typename T>
 void route_image(const Sizes& z, const T* uh, const T* bias, int iters, int kind, bool leaky, T* logits,
-                 T* acc, T* c_out, int64_t c_stride, T* s_out, int64_t s_stride, T* v_out) {
+                 T* acc, T* c_out, int64_t c_stride, T* c_scratch, T* s_out, int64_t s_stride, T* v_out) {
   const int64_t I = z.I(), J = z.J, D = z.D, JD = z.JD();
   std::vector<T> s(JD), v(JD);
   for (int r = 0; r < iters; ++r) {
-    T* c = c_out + r * c_stride;
+    // every iteration's couplings into c_out, or (c_scratch given) only the last one's, as c_out's row 0
+    T* c = c_scratch == nullptr ? c_out + r * c_stride : r == iters - 1 ? c_out : c_scratch;
     std::fill(acc, acc + JD * kTile, T(0));
     if (r == 0) {  // b_0 = 0: every coupling is 1 / J (1 / (J + 1) with the leaky sink)
       const T c0 = T(1) / T(leaky ? J + 1 : J);
@@ -270,24 +284,21 @@ void route_image(const Sizes& z, const T* uh, const T* bias, int iters, int kind
       sum_lanes(acc, s.data(), JD);
       for (int64_t e = 0; e < JD; ++e) s[e] *= c0;
     } else {
-      for (int64_t tile = 0; tile < z.n; ++tile) {
-        const T* x = uh + tile * z.tile_votes();
-        T* b = logits + tile * kTile;
-        T* ct = c + tile * kTile;
-        for (int64_t j = 0; j < J; ++j) {  // b += u_hat . v of the iteration before
-          Lanes<T> a = load(b + j * I);
-          for (int64_t d = 0; d < D; ++d) a += v[j * D + d] * load(x + (j * D + d) * kTile);
-          store(b + j * I, a);
+      for (int64_t t0 = 0; t0 < z.n; t0 += kSumTiles) {
+        const int64_t np = std::min<int64_t>(kSumTiles, z.n - t0);
+        for (int64_t tile = t0; tile < t0 + np; ++tile) {
+          const T* x = uh + tile * z.tile_votes();
+          T* b = logits + tile * kTile;
+          for (int64_t j0 = 0; j0 < J; j0 += kChunk)  // b += u_hat . v of the iteration before
+            with_block<kChunk>(std::min<int64_t>(kChunk, J - j0), [&](auto Q) {
+              agree<T, decltype(Q)::value>(x + j0 * D * kTile, v.data() + j0 * D, b + j0 * I, I, D);
+            });
+          coupling_softmax(b, c + tile * kTile, J, I, leaky);
         }
-        coupling_softmax(b, ct, J, I, leaky);
-        for (int64_t j = 0; j < J; ++j) {  // s += c u_hat, lane by lane
-          const T* cj = ct + j * I;
-          for (int64_t d = 0; d < D; ++d) {
-            const int64_t e = (j * D + d) * kTile;
-#pragma omp simd
-            for (int t = 0; t < kTile; ++t) acc[e + t] += cj[t] * x[e + t];
-          }
-        }
+        with_block<kSumTiles>(np, [&](auto P) {  // s += c u_hat, lane by lane, kSumTiles tiles at once
+          weighted_sum<T, decltype(P)::value>(uh + t0 * z.tile_votes(), z.tile_votes(), c + t0 * kTile, I, J, D,
+                                              acc);
+        });
       }
       sum_lanes(acc, s.data(), JD);
     }
@@ -420,15 +431,17 @@ void route_image_backward(const Sizes& z, const T* uh, const T* cs, int64_t c_st
 // Images [b_begin, b_end) of one thread, kBlock at a time.
 template <typename T>
 void forward_range(const Sizes& z, const T* u, const T* W, const T* bias, int iters, int kind, bool leaky,
-                   int64_t b_begin, int64_t b_end, T* v, T* cs, T* ss) {
+                   bool keep_all, int64_t b_begin, int64_t b_end, T* v, T* cs, T* ss) {
   std::vector<T> buf(kBlock * z.image_votes()), logits(z.J * z.I()), acc(z.JD() * kTile);
+  std::vector<T> c_scratch(keep_all ? 0 : z.J * z.I());
   for (int64_t b0 = b_begin; b0 < b_end; b0 += kBlock) {
     const int64_t nb = std::min<int64_t>(kBlock, b_end - b0);
     with_block<kBlock>(nb, [&](auto NB) { make_votes<T, decltype(NB)::value>(z, u, W, b0, buf.data()); });
     for (int64_t bb = 0; bb < nb; ++bb) {
       const int64_t b = b0 + bb;
       route_image(z, buf.data() + bb * z.image_votes(), bias, iters, kind, leaky, logits.data(), acc.data(),
-                  cs + b * z.J * z.I(), z.B * z.J * z.I(), ss + b * z.JD(), z.B * z.JD(), v + b * z.JD());
+                  cs + b * z.J * z.I(), z.B * z.J * z.I(), keep_all ? nullptr : c_scratch.data(), ss + b * z.JD(),
+                  z.B * z.JD(), v + b * z.JD());
     }
   }
 }
@@ -481,19 +494,21 @@ void for_thread_ranges(int64_t B, int64_t parts, F&& body) {
 int64_t thread_parts(int64_t B) { return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), B)); }
 
 std::vector<torch::Tensor> forward(torch::Tensor u, torch::Tensor W, c10::optional<torch::Tensor> bias,
-                                   int64_t n_out, int64_t iters, int64_t kind, bool leaky) {
+                                   int64_t n_out, int64_t iters, int64_t kind, bool leaky,
+                                   bool keep_all) {
   TORCH_CHECK(iters >= 1, "fused routing: iters must be >= 1");
   u = u.contiguous();
   W = W.contiguous();
   const Sizes z = sizes_of(u, W, n_out);
   torch::Tensor bias_c = bias.has_value() ? bias->contiguous() : torch::Tensor();
   auto v = torch::empty({z.B, z.J, z.D}, u.options());
-  auto cs = torch::empty({iters, z.B, z.J, z.I()}, u.options());
+  auto cs = torch::empty({keep_all ? iters : 1, z.B, z.J, z.I()}, u.options());
   auto ss = torch::empty({iters, z.B, z.J, z.D}, u.options());
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "capsnet_routing_forward", [&] {
     const scalar_t* bp = bias_c.defined() ? bias_c.data_ptr<scalar_t>() : nullptr;
     for_thread_ranges(z.B, thread_parts(z.B), [&](int64_t, int64_t b0, int64_t b1) {
-      forward_range<scalar_t>(z, u.data_ptr<scalar_t>(), W.data_ptr<scalar_t>(), bp, iters, kind, leaky, b0, b1,
+      forward_range<scalar_t>(z, u.data_ptr<scalar_t>(), W.data_ptr<scalar_t>(), bp, iters, kind, leaky, keep_all,
+                              b0, b1,
                               v.data_ptr<scalar_t>(), cs.data_ptr<scalar_t>(), ss.data_ptr<scalar_t>());
     });
   });
@@ -551,6 +566,9 @@ std::vector<torch::Tensor> backward(torch::Tensor u, torch::Tensor W, torch::Ten
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &forward, "votes and dynamic routing, fused: (v, every c, every s)");
+  m.def("forward", &forward, "votes and dynamic routing, fused: (v, c of every iteration or the last, every s)");
   m.def("backward", &backward, "gradients of u, W and the bias on s of the fused routing");
+  m.def("channel_squash_forward", &capsnet::channel_squash_forward,
+        "PrimaryCaps' squash from its convolution's channels: y [B, C*K, H, W] -> u [B, C*H*W, K]");
+  m.def("channel_squash_backward", &capsnet::channel_squash_backward, "the gradient of y of channel_squash_forward");
 }
