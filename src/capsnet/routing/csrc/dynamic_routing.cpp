@@ -6,7 +6,9 @@
 // in cache (a few images at a time, so each W_i is read once per block) and runs every routing
 // iteration on them while they are still there: one pass per iteration (agreement, softmax over the
 // upper capsules, weighted sum). u_hat never reaches main memory and is not saved: the backward makes
-// it again and expands its gradient straight into the gradients of u and W.
+// it again, runs the routing backward image by image, keeping each image's vote gradient factored, and
+// then, with the lower capsules split between threads instead of the images, expands those gradients
+// straight into the gradients of u and W (each tile's W and grad W stay in cache for the whole batch).
 //
 // Vectors run across lower capsules: the lower capsules are taken kTile at a time (a "tile", padded
 // by the caller), and every per-image tensor stores the tile's capsules side by side in its last
@@ -39,7 +41,7 @@ namespace {
 
 constexpr int kTile = 16;  // lower capsules side by side: one AVX-512 register of floats
 constexpr int kBlock = 4;  // images whose votes are made together, so that W is read once for them
-constexpr int kGradBlock = 8;  // images whose gradients of u and W are taken together (W, grad_W read once)
+constexpr int kGradBlock = 8;  // images whose gradients of u and W are taken together (each vector of W, grad W loaded once)
 
 // kTile lanes as one value (GCC/Clang vector extensions): a loop-carried sum stays in a register, where
 // an array in an `omp simd` loop went through the stack on every step.
@@ -150,41 +152,40 @@ void make_votes(const Sizes& z, const T* u, const T* W, int64_t b0, T* buf) {
   }
 }
 
-// The backward of u_hat = W u for NB images, lane by lane: grad_u[b, tile * kTile + t, k] = sum_e W[tile, k, e, t] g[e, t]
-// and grad_W[tile, k, e, :] += u[b, tile, k, :] g[e, :], where `expand(bb, tile, out)` writes one tile of
-// image bb's vote gradient g [JD, kTile] into `out` (gtile [NB, JD, kTile], in L1/L2).
+// The backward of u_hat = W u for NB images b0 .. b0 + NB and one tile of lower capsules, lane by lane:
+// grad_u[b, tile * kTile + t, k] = sum_e W[tile, k, e, t] g[e, t] and gw[k, e, :] (+)= sum_b u[b, tile, k, :] g[e, :],
+// where `expand(bb, out)` writes image bb's vote gradient g [JD, kTile] for the tile into `out` (gtile [NB, JD,
+// kTile], in L1/L2), and gw [K, JD, kTile] is the tile's grad_W, summed over the blocks of images in cache.
 template <typename T, int NB, typename Expand>
-void votes_backward(const Sizes& z, const T* u, const T* W, int64_t b0, Expand&& expand, T* gtile, T* grad_u,
-                    T* grad_w, bool accumulate) {
+void votes_backward_tile(const Sizes& z, const T* u, const T* W, int64_t b0, int64_t tile, Expand&& expand, T* gtile,
+                         T* grad_u, T* gw, bool accumulate) {
   const int64_t JD = z.JD(), K = z.K;
-  for (int64_t tile = 0; tile < z.n; ++tile) {
-    const T* gt[NB];
-    const T* ut[NB];
-    for (int bb = 0; bb < NB; ++bb) {
-      expand(bb, tile, gtile + bb * z.tile_votes());
-      gt[bb] = gtile + bb * z.tile_votes();
-      ut[bb] = u + ((b0 + bb) * z.n + tile) * K * kTile;
-    }
-    for (int64_t k = 0; k < K; ++k) {
-      const T* Wk = W + (tile * K + k) * JD * kTile;
-      T* gWk = grad_w ? grad_w + (tile * K + k) * JD * kTile : nullptr;
-      Lanes<T> a[NB] = {};
-      Lanes<T> uk[NB];
-      for (int bb = 0; bb < NB; ++bb) uk[bb] = load(ut[bb] + k * kTile);
-      for (int64_t e = 0; e < JD; ++e) {
-        const Lanes<T> w = load(Wk + e * kTile);
-        Lanes<T> gw{};
-        for (int bb = 0; bb < NB; ++bb) {
-          const Lanes<T> ge = load(gt[bb] + e * kTile);
-          a[bb] += w * ge;
-          gw += uk[bb] * ge;
-        }
-        if (gWk) store(gWk + e * kTile, accumulate ? load(gWk + e * kTile) + gw : gw);
+  const T* gt[NB];
+  const T* ut[NB];
+  for (int bb = 0; bb < NB; ++bb) {
+    expand(bb, gtile + bb * z.tile_votes());
+    gt[bb] = gtile + bb * z.tile_votes();
+    ut[bb] = u + ((b0 + bb) * z.n + tile) * K * kTile;
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    const T* Wk = W + (tile * K + k) * JD * kTile;
+    T* gWk = gw ? gw + k * JD * kTile : nullptr;
+    Lanes<T> a[NB] = {};
+    Lanes<T> uk[NB];
+    for (int bb = 0; bb < NB; ++bb) uk[bb] = load(ut[bb] + k * kTile);
+    for (int64_t e = 0; e < JD; ++e) {
+      const Lanes<T> w = load(Wk + e * kTile);
+      Lanes<T> g{};
+      for (int bb = 0; bb < NB; ++bb) {
+        const Lanes<T> ge = load(gt[bb] + e * kTile);
+        a[bb] += w * ge;
+        g += uk[bb] * ge;
       }
-      if (grad_u)  // grad_u in u's own layout [B, I, K]
-        for (int bb = 0; bb < NB; ++bb)
-          for (int t = 0; t < kTile; ++t) grad_u[((b0 + bb) * z.I() + tile * kTile + t) * K + k] = a[bb][t];
+      if (gWk) store(gWk + e * kTile, accumulate ? load(gWk + e * kTile) + g : g);
     }
+    if (grad_u)  // grad_u in u's own layout [B, I, K]
+      for (int bb = 0; bb < NB; ++bb)
+        for (int t = 0; t < kTile; ++t) grad_u[((b0 + bb) * z.I() + tile * kTile + t) * K + k] = a[bb][t];
   }
 }
 
@@ -446,32 +447,45 @@ void forward_range(const Sizes& z, const T* u, const T* W, const T* bias, int it
   }
 }
 
+// The routing backward of images [b_begin, b_end) of one thread, kBlock images' votes at a time: each image's
+// vote gradient, factored, into grads[b].
 template <typename T>
-void backward_range(const Sizes& z, const T* u, const T* W, const T* cs, const T* ss, const T* grad_v,
-                    const T* grad_c, int iters, int kind, bool detach, int64_t b_begin, int64_t b_end, T* grad_u,
-                    T* grad_w, T* grad_bias) {
+void route_backward_range(const Sizes& z, const T* u, const T* W, const T* cs, const T* ss, const T* grad_v,
+                          const T* grad_c, int iters, int kind, bool detach, int64_t b_begin, int64_t b_end,
+                          std::vector<VoteGradient<T>>& grads, T* grad_bias) {
   const int64_t JD = z.JD(), per_image = z.image_votes();
-  std::vector<T> buf(kBlock * per_image), gtile(kGradBlock * z.tile_votes()), gbt(z.J * z.I()), acc(JD * kTile);
-  std::vector<VoteGradient<T>> grads(kGradBlock, VoteGradient<T>(z, iters));
-  for (int64_t g0 = b_begin; g0 < b_end; g0 += kGradBlock) {
-    const int64_t ng = std::min<int64_t>(kGradBlock, b_end - g0);
-    for (int64_t b0 = g0; b0 < g0 + ng; b0 += kBlock) {  // the routing backward, kBlock images' votes at a time
-      const int64_t nb = std::min<int64_t>(kBlock, g0 + ng - b0);
-      with_block<kBlock>(nb, [&](auto NB) { make_votes<T, decltype(NB)::value>(z, u, W, b0, buf.data()); });
-      for (int64_t bb = 0; bb < nb; ++bb) {
-        const int64_t b = b0 + bb;
-        route_image_backward(z, buf.data() + bb * per_image, cs + b * z.J * z.I(), z.B * z.J * z.I(),
-                             ss + b * JD, z.B * JD, grad_v ? grad_v + b * JD : nullptr,
-                             grad_c ? grad_c + b * z.J * z.I() : nullptr, iters, kind, detach, grads[b - g0],
-                             grad_bias, gbt.data(), acc.data());
-      }
+  std::vector<T> buf(kBlock * per_image), gbt(z.J * z.I()), acc(JD * kTile);
+  for (int64_t b0 = b_begin; b0 < b_end; b0 += kBlock) {
+    const int64_t nb = std::min<int64_t>(kBlock, b_end - b0);
+    with_block<kBlock>(nb, [&](auto NB) { make_votes<T, decltype(NB)::value>(z, u, W, b0, buf.data()); });
+    for (int64_t bb = 0; bb < nb; ++bb) {
+      const int64_t b = b0 + bb;
+      route_image_backward(z, buf.data() + bb * per_image, cs + b * z.J * z.I(), z.B * z.J * z.I(), ss + b * JD,
+                           z.B * JD, grad_v ? grad_v + b * JD : nullptr, grad_c ? grad_c + b * z.J * z.I() : nullptr,
+                           iters, kind, detach, grads[b], grad_bias, gbt.data(), acc.data());
     }
-    if (grad_u || grad_w) {
-      auto expand = [&](int bb, int64_t tile, T* out) { grads[bb].expand(z, tile, out); };
-      with_block<kGradBlock>(ng, [&](auto NB) {
-        votes_backward<T, decltype(NB)::value>(z, u, W, g0, expand, gtile.data(), grad_u, grad_w, g0 > b_begin);
+  }
+}
+
+// The gradients of u and W of tiles [t_begin, t_end) of one thread, from every image's factored vote gradient:
+// kGradBlock images at a time, the tile's W and grad_W staying in cache for all of them; grad_W written once,
+// in W's own layout [I, K, JD].
+template <typename T>
+void votes_backward_range(const Sizes& z, const T* u, const T* W, const std::vector<VoteGradient<T>>& grads,
+                          int64_t t_begin, int64_t t_end, T* grad_u, T* grad_w) {
+  const int64_t KJD = z.K * z.JD();
+  std::vector<T> gtile(kGradBlock * z.tile_votes()), gw(grad_w ? KJD * kTile : 0);
+  for (int64_t tile = t_begin; tile < t_end; ++tile) {
+    for (int64_t g0 = 0; g0 < z.B; g0 += kGradBlock) {
+      auto expand = [&](int bb, T* out) { grads[g0 + bb].expand(z, tile, out); };
+      with_block<kGradBlock>(std::min<int64_t>(kGradBlock, z.B - g0), [&](auto NB) {
+        votes_backward_tile<T, decltype(NB)::value>(z, u, W, g0, tile, expand, gtile.data(), grad_u,
+                                                    grad_w ? gw.data() : nullptr, g0 > 0);
       });
     }
+    if (grad_w)
+      for (int64_t ke = 0; ke < KJD; ++ke)
+        for (int t = 0; t < kTile; ++t) grad_w[(tile * kTile + t) * KJD + ke] = gw[ke * kTile + t];
   }
 }
 
@@ -528,37 +542,26 @@ std::vector<torch::Tensor> backward(torch::Tensor u, torch::Tensor W, torch::Ten
   torch::Tensor gv = grad_v.has_value() ? grad_v->contiguous() : torch::Tensor();
   torch::Tensor gc = grad_c.has_value() ? grad_c->contiguous() : torch::Tensor();
   auto grad_u = need_u ? torch::empty({z.B, z.I(), z.K}, u.options()) : torch::Tensor();
-  // each thread's sum of grad_W (its first block of images writes it, the others add)
-  auto grad_w_parts = need_w ? torch::empty({parts, z.n, z.K, z.JD(), kTile}, u.options()) : torch::Tensor();
+  auto grad_w = need_w ? torch::empty({z.I(), z.K, z.JD()}, u.options()) : torch::Tensor();
   auto grad_bias_parts = torch::zeros({parts, z.J, z.D}, u.options());
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "capsnet_routing_backward", [&] {
     const scalar_t* gvp = gv.defined() ? gv.data_ptr<scalar_t>() : nullptr;
     const scalar_t* gcp = gc.defined() ? gc.data_ptr<scalar_t>() : nullptr;
+    // 1. the routing backward, images split between threads: every image's vote gradient, factored
+    std::vector<VoteGradient<scalar_t>> grads(z.B, VoteGradient<scalar_t>(z, iters));
     for_thread_ranges(z.B, parts, [&](int64_t p, int64_t b0, int64_t b1) {
-      backward_range<scalar_t>(
-          z, u.data_ptr<scalar_t>(), W.data_ptr<scalar_t>(), cs.data_ptr<scalar_t>(), ss.data_ptr<scalar_t>(), gvp,
-          gcp, iters, kind, detach, b0, b1, need_u ? grad_u.data_ptr<scalar_t>() : nullptr,
-          need_w ? grad_w_parts.data_ptr<scalar_t>() + p * W.numel() : nullptr,
-          grad_bias_parts.data_ptr<scalar_t>() + p * z.JD());
+      route_backward_range<scalar_t>(z, u.data_ptr<scalar_t>(), W.data_ptr<scalar_t>(), cs.data_ptr<scalar_t>(),
+                                     ss.data_ptr<scalar_t>(), gvp, gcp, iters, kind, detach, b0, b1, grads,
+                                     grad_bias_parts.data_ptr<scalar_t>() + p * z.JD());
     });
-  });
-  torch::Tensor grad_w;
-  if (need_w) {  // the threads' sums, into W's own layout [I, K, JD]
-    grad_w = torch::empty({z.I(), z.K, z.JD()}, u.options());
-    AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "capsnet_routing_grad_w", [&] {
-      const scalar_t* src = grad_w_parts.data_ptr<scalar_t>();
-      scalar_t* dst = grad_w.data_ptr<scalar_t>();
-      const int64_t per_tile = z.K * z.JD() * kTile, KJD = z.K * z.JD();
+    // 2. the gradients of u and W, tiles of lower capsules split between threads
+    if (need_u || need_w)
       at::parallel_for(0, z.n, 1, [&](int64_t t0, int64_t t1) {
-        for (int64_t tile = t0; tile < t1; ++tile)
-          for (int64_t ke = 0; ke < KJD; ++ke) {
-            Lanes<scalar_t> sum = load(src + tile * per_tile + ke * kTile);
-            for (int64_t p = 1; p < parts; ++p) sum += load(src + p * W.numel() + tile * per_tile + ke * kTile);
-            for (int t = 0; t < kTile; ++t) dst[(tile * kTile + t) * KJD + ke] = sum[t];
-          }
+        votes_backward_range<scalar_t>(z, u.data_ptr<scalar_t>(), W.data_ptr<scalar_t>(), grads, t0, t1,
+                                       need_u ? grad_u.data_ptr<scalar_t>() : nullptr,
+                                       need_w ? grad_w.data_ptr<scalar_t>() : nullptr);
       });
-    });
-  }
+  });
   auto grad_bias = need_bias ? grad_bias_parts.sum(0) : torch::Tensor();
   return {grad_u, grad_w, grad_bias};
 }
