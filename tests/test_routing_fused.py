@@ -15,7 +15,7 @@ from capsnet.nn.capsules import ClassCapsules
 from capsnet.nn.squash import get_squash
 from capsnet.routing import dynamic, fused_cpu
 from capsnet.routing.dynamic import DynamicRouting, _TransformRoutingFunction
-from capsnet.routing.fused_cpu import FusedRoutingFunction
+from capsnet.routing.fused_cpu import FusedRoutingFunction, fused_routing
 from test_routing import autograd_routing
 
 
@@ -50,7 +50,7 @@ def value_and_grads(fn, u, weight, bias, grads, with_grad_c=True):
 def test_fused_matches_autograd_on_explicit_votes(iters, squash, leaky, with_bias, detach):
     """Values and gradients of u, W and the bias (c's gradient included) equal autograd's, float64."""
     u, weight, bias, grads = inputs(with_bias=with_bias)
-    fused = value_and_grads(lambda u, w, b: FusedRoutingFunction.apply(u, w, b, 4, iters, squash, leaky, detach, None),
+    fused = value_and_grads(lambda u, w, b: fused_routing(u, w, b, 4, iters, squash, leaky, detach, None),
                             u, weight, bias, grads)
     def reference(u, w, b):
         v, c = autograd_routing(explicit_votes(u, w, 4), iters, leaky, b, detach, squash=get_squash(squash))
@@ -67,7 +67,7 @@ def test_fused_equals_the_pytorch_path(iters, with_grad_c):
     (per thread: a gradient block of 8 and the rest), up to 7 iterations (the kernel's unrolled and general paths)."""
     u, weight, bias, grads = inputs(bsz=19, n_in=48, in_dim=8, n_out=10, dim=16)
     sq = get_squash("paper")
-    fused = value_and_grads(lambda u, w, b: FusedRoutingFunction.apply(u, w, b, 10, iters, "paper", False, False,
+    fused = value_and_grads(lambda u, w, b: fused_routing(u, w, b, 10, iters, "paper", False, False,
                                                                        None), u, weight, bias, grads, with_grad_c)
     torch_path = value_and_grads(lambda u, w, b: _TransformRoutingFunction.apply(u, w, b, 10, iters, sq, False,
                                                                                  False, None),
@@ -81,11 +81,11 @@ def test_fused_float32_is_as_accurate_as_the_pytorch_path():
     u, weight, bias, grads = inputs(bsz=3, n_in=1152, in_dim=8, n_out=10, dim=16, with_bias=False)
     u = get_squash("paper")(u)  # PrimaryCaps outputs are squashed
     weight = weight * 0.25
-    ref = value_and_grads(lambda u, w, b: FusedRoutingFunction.apply(u, w, b, 10, 3, "paper", False, False, None),
+    ref = value_and_grads(lambda u, w, b: fused_routing(u, w, b, 10, 3, "paper", False, False, None),
                           u, weight, None, grads)
     sq = get_squash("paper")
     f32 = [x.float() for x in (u, weight)]
-    fused = value_and_grads(lambda u, w, b: FusedRoutingFunction.apply(u, w, b, 10, 3, "paper", False, False, None),
+    fused = value_and_grads(lambda u, w, b: fused_routing(u, w, b, 10, 3, "paper", False, False, None),
                             *f32, None, tuple(x.float() for x in grads))
     torch_path = value_and_grads(lambda u, w, b: _TransformRoutingFunction.apply(u, w, b, 10, 3, sq, False, False,
                                                                                  None), *f32, None,
@@ -100,14 +100,14 @@ def test_fused_gradcheck_in_float64():
     u, weight, bias, _ = inputs(bsz=2, n_in=5, in_dim=3, n_out=3, dim=2)
     ins = tuple(x.requires_grad_(True) for x in (u, weight, bias))
     for leaky in (False, True):
-        fn = lambda u, w, b: FusedRoutingFunction.apply(u, w, b, 3, 3, "paper", leaky, False, None)  # noqa: E731
+        fn = lambda u, w, b: fused_routing(u, w, b, 3, 3, "paper", leaky, False, None)  # noqa: E731
         assert torch.autograd.gradcheck(fn, ins)
 
 
 def test_fused_records_every_iteration_like_the_pytorch_path():
     u, weight, bias, _ = inputs()
     fused, torch_path = [], []
-    FusedRoutingFunction.apply(u, weight, bias, 4, 3, "paper", False, False, fused)
+    fused_routing(u, weight, bias, 4, 3, "paper", False, False, fused)
     _TransformRoutingFunction.apply(u, weight, bias, 4, 3, get_squash("paper"), False, False, torch_path)
     assert len(fused) == len(torch_path) == 3
     for a, b in zip(fused, torch_path):
@@ -115,15 +115,22 @@ def test_fused_records_every_iteration_like_the_pytorch_path():
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
-def test_inference_writes_the_last_couplings_only_and_gives_the_same_numbers():
-    """Without a gradient to take (inference) the kernel keeps the last iteration's couplings alone."""
-    u, weight, bias, _ = inputs(dtype=torch.float32)
-    weight.requires_grad_(True)
-    v, c = FusedRoutingFunction.apply(u, weight, bias, 4, 3, "paper", False, False, None)
+def test_inference_writes_the_last_couplings_only_and_gives_the_same_numbers(monkeypatch):
+    """Under no_grad (inference, though W requires a gradient) the kernel keeps the last couplings alone."""
+    kernel, kept = fused_cpu.load(), []
+
+    class Spy:
+        def forward(self, *args):
+            kept.append(args[-1])
+            return kernel.forward(*args)
+
+    monkeypatch.setattr(fused_cpu, "load", Spy)
+    layer = ClassCapsules(37, 3, 4, 6, routing=DynamicRouting(3, kernel="cpp"), init_std=0.3)
+    u = inputs(dtype=torch.float32)[0]
+    v, _, c = layer(u)
     with torch.no_grad():
-        v_inf, c_inf = FusedRoutingFunction.apply(u, weight, bias, 4, 3, "paper", False, False, None)
-        _, cs, _ = fused_cpu.load().forward(*fused_cpu._tile_inputs(u, weight), bias, 4, 3, 0, False, False)
-    assert cs.shape[0] == 1
+        v_inf, _, c_inf = layer(u)
+    assert kept == [True, False]
     assert torch.equal(v_inf, v.detach()) and torch.equal(c_inf, c.detach())
 
 

@@ -302,7 +302,7 @@ class DynamicRouting(nn.Module):
             dtype = torch.promote_types(at_least_float32(u).dtype, at_least_float32(weight).dtype)
             inputs = (u.to(dtype), weight.to(dtype), self._bias(bias, dtype), n_out)
             if self._fused(u.device):
-                return self._run_function(fused_cpu.FusedRoutingFunction.apply, *inputs, squash=self.squash_name)
+                return self._run_function(fused_cpu.fused_routing, *inputs, squash=self.squash_name)
             return self._run_function(_TransformRoutingFunction.apply, *inputs)
 
     def _fused(self, device: torch.device) -> bool:

@@ -151,12 +151,12 @@ class FusedRoutingFunction(torch.autograd.Function):
     the same contract as `dynamic._TransformRoutingFunction`."""
 
     @staticmethod
-    def forward(ctx, u, weight, bias, n_out, iters, squash, leaky, detach_intermediate, record):
+    def forward(ctx, u, weight, bias, n_out, iters, squash, leaky, detach_intermediate, record, gradient):
         kind = SQUASH_KINDS[squash]
         n_in = u.shape[1]
         u_t, w_t = _tile_inputs(u, weight)
         # every iteration's couplings for the backward and the recorder; else (inference) the last one's
-        keep_all = record is not None or any(ctx.needs_input_grad[:3])
+        keep_all = record is not None or gradient
         v, cs, ss = load().forward(u_t, w_t, bias, n_out, iters, kind, leaky, keep_all)
         cs = cs[..., :n_in]
         if record is not None:
@@ -180,7 +180,15 @@ class FusedRoutingFunction(torch.autograd.Function):
         if pad:  # the kernel returns them in u's and W's layouts, padded capsules included
             grad_u = None if grad_u is None else grad_u[:, :ctx.n_in]
             grad_w = None if grad_w is None else grad_w[:ctx.n_in]
-        return grad_u, grad_w, grad_bias, None, None, None, None, None, None
+        return grad_u, grad_w, grad_bias, None, None, None, None, None, None, None
+
+
+def fused_routing(u, weight, bias, n_out, iters, squash, leaky, detach_intermediate, record):
+    """`FusedRoutingFunction`, told whether a gradient can be taken: under `torch.no_grad` (inference)
+    none can, though the parameters require one, and the kernel then keeps the last couplings only."""
+    gradient = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (u, weight, bias))
+    return FusedRoutingFunction.apply(u, weight, bias, n_out, iters, squash, leaky, detach_intermediate, record,
+                                      gradient)
 
 
 class ChannelSquashFunction(torch.autograd.Function):
