@@ -1,4 +1,5 @@
-"""The fused CPU kernel of dynamic routing: votes and every iteration in cache (csrc/dynamic_routing.cpp).
+"""The fused CPU kernel of dynamic routing: votes and every iteration in cache (csrc/dynamic_routing.cpp);
+and, in the same compiled module, PrimaryCaps' reshape and squash in one pass (csrc/capsule_squash.cpp).
 
 On a CPU the routing is memory traffic: written as whole-tensor operations it
 reads the 94 MB of votes about nine times a step (docs/performance.md). The
@@ -148,7 +149,8 @@ def _tile_inputs(u: torch.Tensor, weight: torch.Tensor):
 
 class FusedRoutingFunction(torch.autograd.Function):
     """u [B, I, K], W [I, K, J*D], bias [J, D] or None -> (v [B, J, D], c of the last iteration [B, J, I]);
-    the same contract as `dynamic._TransformRoutingFunction`."""
+    the same contract as `dynamic._TransformRoutingFunction`, plus `gradient`: whether a backward can follow
+    (`fused_routing` decides); without one the kernel keeps only the last iteration's couplings."""
 
     @staticmethod
     def forward(ctx, u, weight, bias, n_out, iters, squash, leaky, detach_intermediate, record, gradient):
@@ -208,9 +210,9 @@ class ChannelSquashFunction(torch.autograd.Function):
         return load().channel_squash_backward(y, grad_u, ctx.capsule_dim, ctx.kind), None, None
 
 
-def use_kernel(kernel: str, device: torch.device, setting: str = "routing.kernel") -> bool:
-    """Whether to run this module's kernels for a `kernel` setting ("auto" | "cpp" | "torch") on `device`:
-    "cpp" where they cannot be built is a one-line CapsnetError naming `setting`; a GPU runs PyTorch."""
+def use_kernel(kernel: str, device: torch.device) -> bool:
+    """Whether to run this module's kernels for a `routing.kernel` setting ("auto" | "cpp" | "torch") on
+    `device`: "cpp" where they cannot be built is a one-line CapsnetError; a GPU runs PyTorch."""
     if kernel == "torch" or device.type != "cpu":
         return False
     if kernel == "auto":
@@ -218,6 +220,6 @@ def use_kernel(kernel: str, device: torch.device, setting: str = "routing.kernel
     try:
         load()
     except KernelUnavailable as err:
-        raise CapsnetError(f"{setting}=cpp: the fused CPU kernels cannot be built here ({err}); "
-                           f"install a C++ compiler and ninja, or set {setting}=auto or torch") from None
+        raise CapsnetError(f"routing.kernel=cpp: the fused CPU kernels cannot be built here ({err}); "
+                           "install a C++ compiler and ninja, or set routing.kernel=auto or torch") from None
     return True
