@@ -44,7 +44,8 @@ def test_default_plan_has_bf16_rows_the_sweep_and_every_network():
             ("capsnet+torch_routing", "infer", 256, 3, "off")} <= set(keys)
 
 
-@pytest.mark.parametrize("argv", [["--device", "cpu", "--amp", "fp16"], ["--models", "resnet"], ["--amp", "fp8"]])
+@pytest.mark.parametrize("argv", [["--device", "cpu", "--amp", "fp16"], ["--models", "resnet"], ["--amp", "fp8"],
+                                  ["--models", "capsnet+torch_routing"]])  # timed beside the CapsNet rows already
 def test_bad_options_are_refused(argv):
     with pytest.raises(SystemExit):
         parse_args(argv)

@@ -69,7 +69,7 @@ def parse_args(argv=None):
     if args.quick:
         args.batch_sizes, args.infer_batch, args.iters, args.models, args.model_batch = [2], 2, [1, 3], [], 2
         args.amp, args.rounds, args.warmup, args.steps, args.gemm_seconds = ["off"], 1, 0, 1, 0.05
-    bad = [a for a in args.amp if a not in ("off", "bf16", "fp16")] + [m for m in args.models if m not in CASES]
+    bad = [a for a in args.amp if a not in ("off", "bf16", "fp16")] + [m for m in args.models if m not in OTHER_MODELS]
     if bad or not args.amp:
         p.error(f"unknown --amp or --models value {bad[0] if bad else '(empty)'}; --amp takes off,bf16,fp16 and "
                 f"--models {','.join(OTHER_MODELS)}")
