@@ -7,7 +7,7 @@
 // values, is read once while in cache and u written once, and the backward likewise.
 //
 // Half-precision inputs are squashed in float32 and give float32 capsules, as capsnet.nn.squash does
-// under autocast; the gradient comes back in y's own dtype. `tests/test_routing_fused.py` checks both
+// under autocast; the gradient comes back in y's own dtype. `tests/test_channel_squash.py` checks both
 // directions against capsnet.nn.squash through autograd.
 
 #include "capsule_squash.h"
@@ -31,6 +31,17 @@ void check_input(const torch::Tensor& y, int64_t K) {
 
 at::ScalarType capsule_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
+// One (image, type) block of y, [K, P], into x in the squash's precision, and each capsule's squared length
+template <typename scalar_t, typename acc_t>
+inline void read_block(const scalar_t* yq, int64_t K, int64_t P, acc_t* x, acc_t* n2) {
+  std::fill(n2, n2 + P, acc_t(0));
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t p = 0; p < P; ++p) {
+      x[k * P + p] = acc_t(yq[k * P + p]);
+      n2[p] += x[k * P + p] * x[k * P + p];
+    }
+}
+
 }  // namespace
 
 torch::Tensor channel_squash_forward(torch::Tensor y, int64_t K, int64_t kind) {
@@ -45,13 +56,7 @@ torch::Tensor channel_squash_forward(torch::Tensor y, int64_t K, int64_t kind) {
     at::parallel_for(0, B * C, kGrain, [&](int64_t q0, int64_t q1) {
       std::vector<acc_t> x(K * P), n2(P), g(P), dg(P);
       for (int64_t q = q0; q < q1; ++q) {  // q = b * C + c: y's block [K, P], u's rows q * P .. q * P + P
-        const scalar_t* yq = src + q * K * P;
-        std::fill(n2.begin(), n2.end(), acc_t(0));
-        for (int64_t k = 0; k < K; ++k)
-          for (int64_t p = 0; p < P; ++p) {
-            x[k * P + p] = acc_t(yq[k * P + p]);
-            n2[p] += x[k * P + p] * x[k * P + p];
-          }
+        read_block(src + q * K * P, K, P, x.data(), n2.data());
         squash_scales(static_cast<int>(kind), n2.data(), g.data(), dg.data(), P);
         acc_t* uq = dst + q * P * K;
         for (int64_t p = 0; p < P; ++p)
@@ -77,16 +82,11 @@ torch::Tensor channel_squash_backward(torch::Tensor y, torch::Tensor grad_u, int
     at::parallel_for(0, B * C, kGrain, [&](int64_t q0, int64_t q1) {
       std::vector<acc_t> x(K * P), n2(P), dot(P), g(P), dg(P);
       for (int64_t q = q0; q < q1; ++q) {
-        const scalar_t* yq = src + q * K * P;
         const acc_t* gq = gsrc + q * P * K;
-        std::fill(n2.begin(), n2.end(), acc_t(0));
+        read_block(src + q * K * P, K, P, x.data(), n2.data());
         std::fill(dot.begin(), dot.end(), acc_t(0));
-        for (int64_t k = 0; k < K; ++k)
-          for (int64_t p = 0; p < P; ++p) {
-            x[k * P + p] = acc_t(yq[k * P + p]);
-            n2[p] += x[k * P + p] * x[k * P + p];
-            dot[p] += x[k * P + p] * gq[p * K + k];
-          }
+        for (int64_t p = 0; p < P; ++p)
+          for (int64_t k = 0; k < K; ++k) dot[p] += x[k * P + p] * gq[p * K + k];
         squash_scales(static_cast<int>(kind), n2.data(), g.data(), dg.data(), P);
         for (int64_t p = 0; p < P; ++p) dg[p] *= acc_t(2) * dot[p];  // dy = g du + y 2 g'(|y|^2) (y . du)
         scalar_t* gy = gdst + q * K * P;

@@ -41,7 +41,7 @@ namespace {
 
 constexpr int kTile = 16;  // lower capsules side by side: one AVX-512 register of floats
 constexpr int kBlock = 4;  // images whose votes are made together, so that W is read once for them
-constexpr int kGradBlock = 8;  // images whose gradients of u and W are taken together (each vector of W, grad W loaded once)
+constexpr int kGradBlock = 8;  // images whose gradients of u and W are taken together (W, grad W loaded once)
 
 // kTile lanes as one value (GCC/Clang vector extensions): a loop-carried sum stays in a register, where
 // an array in an `omp simd` loop went through the stack on every step.
@@ -153,9 +153,10 @@ void make_votes(const Sizes& z, const T* u, const T* W, int64_t b0, T* buf) {
 }
 
 // The backward of u_hat = W u for NB images b0 .. b0 + NB and one tile of lower capsules, lane by lane:
-// grad_u[b, tile * kTile + t, k] = sum_e W[tile, k, e, t] g[e, t] and gw[k, e, :] (+)= sum_b u[b, tile, k, :] g[e, :],
-// where `expand(bb, out)` writes image bb's vote gradient g [JD, kTile] for the tile into `out` (gtile [NB, JD,
-// kTile], in L1/L2), and gw [K, JD, kTile] is the tile's grad_W, summed over the blocks of images in cache.
+// grad_u[b, tile * kTile + t, k] = sum_e W[tile, k, e, t] g[e, t] and
+// gw[k, e, :] (+)= sum_b u[b, tile, k, :] g[e, :], where `expand(bb, out)` writes image bb's vote gradient
+// g [JD, kTile] for the tile into `out` (gtile [NB, JD, kTile], in L1/L2), and gw [K, JD, kTile] is the
+// tile's grad_W, summed over the blocks of images in cache.
 template <typename T, int NB, typename Expand>
 void votes_backward_tile(const Sizes& z, const T* u, const T* W, int64_t b0, int64_t tile, Expand&& expand, T* gtile,
                          T* grad_u, T* gw, bool accumulate) {
@@ -225,7 +226,7 @@ inline void coupling_softmax(const T* b, T* c, int64_t J, int64_t stride, bool l
 }
 
 constexpr int kChunk = 4;  // upper capsules whose agreements are summed together (independent chains)
-constexpr int kSumTiles = 4;   // tiles whose weighted sums are added to the accumulator together
+constexpr int kSumTiles = 4;  // tiles whose weighted sums are added to the accumulator together
 
 // b[q] += sum_d v[q, d] x[q, d, :] for Q upper capsules (rows of b `stride` apart), Q independent sums
 template <typename T, int Q>
