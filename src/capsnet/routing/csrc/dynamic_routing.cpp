@@ -332,6 +332,13 @@ struct VoteGradient {
     ++terms;
   }
 
+  // ask for the cache lines expand(z, tile, ...) will read: its rows lie I apart, too far for the
+  // hardware prefetcher, and waiting for them was a third of the time of the gradients of u and W
+  void prefetch(const Sizes& z, int64_t tile) const {
+    for (int t = 0; t < terms; ++t)
+      for (int64_t j = 0; j < z.J; ++j) __builtin_prefetch(left[t] + j * z.I() + tile * kTile);
+  }
+
   // g of lower-capsule tile `tile`, [JD, kTile], into out
   void expand(const Sizes& z, int64_t tile, T* out) const {
     switch (terms) {  // the left factors of a row in registers when there are few (up to 5 iterations)
@@ -478,6 +485,16 @@ void votes_backward_range(const Sizes& z, const T* u, const T* W, const std::vec
   std::vector<T> gtile(kGradBlock * z.tile_votes()), gw(grad_w ? KJD * kTile : 0);
   for (int64_t tile = t_begin; tile < t_end; ++tile) {
     for (int64_t g0 = 0; g0 < z.B; g0 += kGradBlock) {
+      // the next block's factors and u (the next tile's first block after the last one) arrive while this
+      // block is computed
+      const bool more = g0 + kGradBlock < z.B;
+      const int64_t next_tile = more ? tile : tile + 1, next_g0 = more ? g0 + kGradBlock : 0;
+      if (next_tile < t_end)
+        for (int64_t b = next_g0; b < std::min<int64_t>(next_g0 + kGradBlock, z.B); ++b) {
+          grads[b].prefetch(z, next_tile);
+          const T* ub = u + (b * z.n + next_tile) * z.K * kTile;
+          for (int64_t l = 0; l < z.K * kTile; l += 64 / sizeof(T)) __builtin_prefetch(ub + l);
+        }
       auto expand = [&](int bb, T* out) { grads[g0 + bb].expand(z, tile, out); };
       with_block<kGradBlock>(std::min<int64_t>(kGradBlock, z.B - g0), [&](auto NB) {
         votes_backward_tile<T, decltype(NB)::value>(z, u, W, g0, tile, expand, gtile.data(), grad_u,
