@@ -121,7 +121,7 @@ def test_inference_writes_the_last_couplings_only_and_gives_the_same_numbers(mon
 
     class Spy:
         def forward(self, *args):
-            kept.append(args[-1])
+            kept.append(args[7])  # keep_all
             return kernel.forward(*args)
 
     monkeypatch.setattr(fused_cpu, "load", Spy)
@@ -212,3 +212,59 @@ def test_recording_changes_no_number(kernel):
     v_rec, _, c_rec = layer(u)
     assert torch.equal(v, v_rec) and torch.equal(c, c_rec)
     assert seen == [(3, 37, 10, 16)] and len(layer.routing.recorded["couplings"]) == 3
+
+
+def has_bf16_votes() -> bool:
+    return fused_cpu.load().has_bf16_votes()
+
+
+def bf16_reference(u, weight, n_out, iters, squash):
+    """Procedure 1 in float64 on votes made from u and W rounded to bfloat16 (as autocast rounds a matrix
+    product's inputs) with exact products and sums: what the kernel's bfloat16 votes approximate to float32."""
+    u64, w64 = u.to(torch.bfloat16).double(), weight.to(torch.bfloat16).double()
+    return autograd_routing(explicit_votes(u64, w64, n_out), iters, squash=get_squash(squash))
+
+
+@pytest.mark.parametrize("in_dim", [3, 8])  # an odd K (its last pair padded) and the paper's K = 8
+def test_bf16_votes_are_float32_sums_of_bfloat16_products(in_dim):
+    """Inference under bf16 autocast: v within float32 rounding of the float64 routing of bfloat16-rounded
+    u and W, including values on a rounding tie (1 + 2^-8 rounds to 1, 1 + 3 * 2^-8 up: ties to even)."""
+    if not has_bf16_votes():
+        pytest.skip("this CPU has no AVX512-BF16: bfloat16 autocast keeps float32 votes")
+    u, weight, _, _ = inputs(in_dim=in_dim, dtype=torch.float32)
+    u[0, 0, 0], u[1, 2, 0] = 1 + 2 ** -8, 1 + 3 * 2 ** -8
+    assert u[0, 0, 0].to(torch.bfloat16) == 1 and u[1, 2, 0].to(torch.bfloat16) == 1 + 2 ** -6
+    with torch.no_grad():
+        v, c = fused_routing(u, weight, None, 4, 3, "paper", False, False, None, bf16=True)
+        v32, _ = fused_routing(u, weight, None, 4, 3, "paper", False, False, None)
+    v_ref, c_ref = bf16_reference(u, weight, 4, 3, "paper")
+    torch.testing.assert_close(v.double(), v_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(c.double(), c_ref.transpose(1, 2), rtol=1e-5, atol=1e-6)
+    assert (v - v32).abs().max() > 1e-6  # the votes were rounded: not the float32 path's numbers
+
+
+def test_class_capsules_use_bf16_votes_only_for_inference_under_bf16_autocast(monkeypatch):
+    """Training keeps float32 votes (its backward takes them again in float32); inference under bfloat16
+    autocast asks for bfloat16 votes where the CPU has AVX512-BF16; without autocast, float32."""
+    kernel, asked = fused_cpu.load(), []
+
+    class Spy:
+        has_bf16_votes = kernel.has_bf16_votes
+
+        def forward(self, *args):
+            asked.append(args[8])
+            return kernel.forward(*args)
+
+        def backward(self, *args):
+            return kernel.backward(*args)
+
+    monkeypatch.setattr(fused_cpu, "load", Spy)
+    layer = ClassCapsules(37, 8, 4, 6, routing=DynamicRouting(3, kernel="cpp"), init_std=0.3)
+    u = torch.randn(2, 37, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        layer(u)[0].sum().backward()
+        with torch.no_grad():
+            layer(u)
+    with torch.no_grad():
+        layer(u)
+    assert asked == [False, kernel.has_bf16_votes(), False]

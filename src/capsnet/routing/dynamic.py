@@ -3,7 +3,10 @@
 Each lower capsule i splits its output among the upper capsules j with
 coupling coefficients c[i, :] = softmax(b[i, :]) over j; the logits b grow by
 the agreement u_hat[j|i] . v[j]. The loop runs in float32 with autocast off
-(softmax and squash lose too much in half precision).
+(softmax and squash lose too much in half precision). One exception, in the
+fused CPU kernel: inference under bfloat16 autocast makes the votes W u from
+bfloat16-rounded u and W with float32 sums, as autocast runs a matrix product
+(training keeps them float32; docs/performance.md measures the accuracy).
 
 Speed: u_hat is by far the largest tensor of the network ([B, 1152, 10, 16],
 94 MB at batch 128 in fp32), and each routing iteration reads it twice, so
@@ -30,6 +33,8 @@ explicit-loop reference and autograd, and by gradcheck.
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import torch
 from torch import nn
@@ -298,11 +303,13 @@ class DynamicRouting(nn.Module):
         """The same routing of the votes u_hat[j|i] = W_ij u_i, given u [batch, n_in, in_dim] and
         weight [n_in, in_dim, n_out * dim] instead of the votes (`ClassCapsules` calls this): the votes
         are made and their gradient taken inside one function, with no full-size intermediate."""
+        bf16 = torch.is_autocast_enabled(u.device.type) and torch.get_autocast_dtype(u.device.type) == torch.bfloat16
         with torch.autocast(u.device.type, enabled=False):
             dtype = torch.promote_types(at_least_float32(u).dtype, at_least_float32(weight).dtype)
             inputs = (u.to(dtype), weight.to(dtype), self._bias(bias, dtype), n_out)
             if self._fused(u.device):
-                return self._run_function(fused_cpu.fused_routing, *inputs, squash=self.squash_name)
+                fused = partial(fused_cpu.fused_routing, bf16=bf16)
+                return self._run_function(fused, *inputs, squash=self.squash_name)
             return self._run_function(_TransformRoutingFunction.apply, *inputs)
 
     def _fused(self, device: torch.device) -> bool:

@@ -150,16 +150,18 @@ def _tile_inputs(u: torch.Tensor, weight: torch.Tensor):
 class FusedRoutingFunction(torch.autograd.Function):
     """u [B, I, K], W [I, K, J*D], bias [J, D] or None -> (v [B, J, D], c of the last iteration [B, J, I]);
     the same contract as `dynamic._TransformRoutingFunction`, plus `gradient`: whether a backward can follow
-    (`fused_routing` decides); without one the kernel keeps only the last iteration's couplings."""
+    (`fused_routing` decides); without one the kernel keeps only the last iteration's couplings, and with
+    `bf16_votes` makes the votes from bfloat16 u and W (float32 sums; the routing stays float32)."""
 
     @staticmethod
-    def forward(ctx, u, weight, bias, n_out, iters, squash, leaky, detach_intermediate, record, gradient):
+    def forward(ctx, u, weight, bias, n_out, iters, squash, leaky, detach_intermediate, record, gradient,
+                bf16_votes=False):
         kind = SQUASH_KINDS[squash]
         n_in = u.shape[1]
         u_t, w_t = _tile_inputs(u, weight)
         # every iteration's couplings for the backward and the recorder; else (inference) the last one's
         keep_all = record is not None or gradient
-        v, cs, ss = load().forward(u_t, w_t, bias, n_out, iters, kind, leaky, keep_all)
+        v, cs, ss = load().forward(u_t, w_t, bias, n_out, iters, kind, leaky, keep_all, bf16_votes)
         cs = cs[..., :n_in]
         if record is not None:
             record.extend(c.transpose(1, 2) for c in cs)
@@ -182,15 +184,18 @@ class FusedRoutingFunction(torch.autograd.Function):
         if pad:  # the kernel returns them in u's and W's layouts, padded capsules included
             grad_u = None if grad_u is None else grad_u[:, :ctx.n_in]
             grad_w = None if grad_w is None else grad_w[:ctx.n_in]
-        return grad_u, grad_w, grad_bias, None, None, None, None, None, None, None
+        return grad_u, grad_w, grad_bias, None, None, None, None, None, None, None, None
 
 
-def fused_routing(u, weight, bias, n_out, iters, squash, leaky, detach_intermediate, record):
+def fused_routing(u, weight, bias, n_out, iters, squash, leaky, detach_intermediate, record, bf16=False):
     """`FusedRoutingFunction`, told whether a gradient can be taken: under `torch.no_grad` (inference)
-    none can, though the parameters require one, and the kernel then keeps the last couplings only."""
+    none can, though the parameters require one, and the kernel then keeps the last couplings only.
+    `bf16` (the caller ran under bfloat16 autocast): inference makes the votes W u from bfloat16 inputs
+    where the CPU has AVX512-BF16, as autocast would run that matrix product; training keeps them float32."""
     gradient = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (u, weight, bias))
+    bf16_votes = bf16 and not gradient and u.dtype == torch.float32 and load().has_bf16_votes()
     return FusedRoutingFunction.apply(u, weight, bias, n_out, iters, squash, leaky, detach_intermediate, record,
-                                      gradient)
+                                      gradient, bf16_votes)
 
 
 class ChannelSquashFunction(torch.autograd.Function):

@@ -34,6 +34,10 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
+
 #include "capsule_squash.h"
 #include "squash.h"
 
@@ -151,6 +155,87 @@ void make_votes(const Sizes& z, const T* u, const T* W, int64_t b0, T* buf) {
     }
   }
 }
+
+// Two float32 lanes rounded to bfloat16 (to nearest, ties to even; NaN stays NaN) and packed into one
+// 32-bit lane, x0's in the low half: the pair layout of vdpbf16ps
+inline Lanes<uint32_t> bf16_pair(Lanes<float> x0, Lanes<float> x1) {
+  auto round = [](Lanes<float> x) {
+    Lanes<uint32_t> b;
+    std::memcpy(&b, &x, sizeof b);
+    const Lanes<uint32_t> r = (b + 0x7FFFu + ((b >> 16) & 1u)) & 0xFFFF0000u;
+    return x != x ? (b | 0x00400000u) & 0xFFFF0000u : r;
+  };
+  return (round(x0) >> 16) | round(x1);
+}
+
+// W [n, K, JD, kTile] -> W2 [n, K2, JD, kTile] of bfloat16 pairs along k (K2 = K / 2, an odd K's last
+// pair padded with 0), tiles split between threads
+inline void pair_weight(const Sizes& z, const float* W, uint32_t* W2) {
+  const int64_t K2 = (z.K + 1) / 2, JD = z.JD();
+  at::parallel_for(0, z.n, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t tile = t0; tile < t1; ++tile)
+      for (int64_t k2 = 0; k2 < K2; ++k2)
+        for (int64_t e = 0; e < JD; ++e) {
+          const float* w = W + ((tile * z.K + 2 * k2) * JD + e) * kTile;
+          const Lanes<float> odd = 2 * k2 + 1 < z.K ? load(w + JD * kTile) : Lanes<float>{};
+          store(W2 + ((tile * K2 + k2) * JD + e) * kTile, bf16_pair(load(w), odd));
+        }
+  });
+}
+
+#if defined(__AVX512BF16__)
+constexpr bool kBf16Votes = true;
+
+// make_votes with u and W rounded to bfloat16, for inference under autocast (as autocast rounds a matrix
+// product's inputs): W2 from pair_weight, u's tiles paired here (upairs: NB * K2 * kTile). vdpbf16ps adds
+// both products of a pair to a float32 sum: twice the multiply-adds of a float32 FMA per instruction and
+// half the bytes of W. Products of bfloat16 values are exact in float32; the sums are float32.
+template <int NB>
+void make_votes_bf16(const Sizes& z, const float* u, const uint32_t* W2, int64_t b0, float* buf, uint32_t* upairs) {
+  const int64_t JD = z.JD(), K = z.K, K2 = (K + 1) / 2;
+  for (int64_t tile = 0; tile < z.n; ++tile) {
+    const uint32_t* Wt = W2 + tile * K2 * JD * kTile;
+    const uint32_t* ut[NB];
+    float* out[NB];
+    for (int bb = 0; bb < NB; ++bb) {
+      const float* src = u + ((b0 + bb) * z.n + tile) * K * kTile;
+      uint32_t* dst = upairs + bb * K2 * kTile;
+      for (int64_t k2 = 0; k2 < K2; ++k2)
+        store(dst + k2 * kTile, bf16_pair(load(src + 2 * k2 * kTile),
+                                          2 * k2 + 1 < K ? load(src + (2 * k2 + 1) * kTile) : Lanes<float>{}));
+      ut[bb] = dst;
+      out[bb] = buf + bb * z.image_votes() + tile * z.tile_votes();
+    }
+    if (K2 == 4) {  // the paper's 8-dimensional capsules: every image's pairs in registers for the tile
+      __m512bh uk[NB][4];
+      for (int bb = 0; bb < NB; ++bb)
+        for (int k2 = 0; k2 < 4; ++k2) uk[bb][k2] = (__m512bh)_mm512_loadu_si512(ut[bb] + k2 * kTile);
+      for (int64_t e = 0; e < JD; ++e) {
+        __m512 acc[NB];
+        for (int bb = 0; bb < NB; ++bb) acc[bb] = _mm512_setzero_ps();
+        for (int k2 = 0; k2 < 4; ++k2) {
+          const __m512bh w = (__m512bh)_mm512_loadu_si512(Wt + (k2 * JD + e) * kTile);
+          for (int bb = 0; bb < NB; ++bb) acc[bb] = _mm512_dpbf16_ps(acc[bb], w, uk[bb][k2]);
+        }
+        for (int bb = 0; bb < NB; ++bb) _mm512_storeu_ps(out[bb] + e * kTile, acc[bb]);
+      }
+      continue;
+    }
+    for (int64_t e = 0; e < JD; ++e) {
+      __m512 acc[NB];
+      for (int bb = 0; bb < NB; ++bb) acc[bb] = _mm512_setzero_ps();
+      for (int64_t k2 = 0; k2 < K2; ++k2) {
+        const __m512bh w = (__m512bh)_mm512_loadu_si512(Wt + (k2 * JD + e) * kTile);
+        for (int bb = 0; bb < NB; ++bb)
+          acc[bb] = _mm512_dpbf16_ps(acc[bb], w, (__m512bh)_mm512_loadu_si512(ut[bb] + k2 * kTile));
+      }
+      for (int bb = 0; bb < NB; ++bb) _mm512_storeu_ps(out[bb] + e * kTile, acc[bb]);
+    }
+  }
+}
+#else
+constexpr bool kBf16Votes = false;  // no AVX512-BF16: inference under autocast keeps float32 votes
+#endif
 
 // The backward of u_hat = W u for NB images b0 .. b0 + NB and one tile of lower capsules, lane by lane:
 // grad_u[b, tile * kTile + t, k] = sum_e W[tile, k, e, t] g[e, t] and
@@ -437,15 +522,16 @@ void route_image_backward(const Sizes& z, const T* uh, const T* cs, int64_t c_st
   }
 }
 
-// Images [b_begin, b_end) of one thread, kBlock at a time.
-template <typename T>
-void forward_range(const Sizes& z, const T* u, const T* W, const T* bias, int iters, int kind, bool leaky,
+// Images [b_begin, b_end) of one thread, kBlock at a time; make_votes(b0, nb, buf) makes the votes of
+// images b0 .. b0 + nb.
+template <typename T, typename MakeVotes>
+void forward_range(const Sizes& z, MakeVotes&& make_votes, const T* bias, int iters, int kind, bool leaky,
                    bool keep_all, int64_t b_begin, int64_t b_end, T* v, T* cs, T* ss) {
   std::vector<T> buf(kBlock * z.image_votes()), logits(z.J * z.I()), acc(z.JD() * kTile);
   std::vector<T> c_scratch(keep_all ? 0 : z.J * z.I());
   for (int64_t b0 = b_begin; b0 < b_end; b0 += kBlock) {
     const int64_t nb = std::min<int64_t>(kBlock, b_end - b0);
-    with_block<kBlock>(nb, [&](auto NB) { make_votes<T, decltype(NB)::value>(z, u, W, b0, buf.data()); });
+    make_votes(b0, nb, buf.data());
     for (int64_t bb = 0; bb < nb; ++bb) {
       const int64_t b = b0 + bb;
       route_image(z, buf.data() + bb * z.image_votes(), bias, iters, kind, leaky, logits.data(), acc.data(),
@@ -527,8 +613,10 @@ int64_t thread_parts(int64_t B) { return std::max<int64_t>(1, std::min<int64_t>(
 
 std::vector<torch::Tensor> forward(torch::Tensor u, torch::Tensor W, c10::optional<torch::Tensor> bias,
                                    int64_t n_out, int64_t iters, int64_t kind, bool leaky,
-                                   bool keep_all) {
+                                   bool keep_all, bool bf16_votes) {
   TORCH_CHECK(iters >= 1, "fused routing: iters must be >= 1");
+  TORCH_CHECK(!bf16_votes || (kBf16Votes && u.scalar_type() == at::kFloat),
+              "fused routing: bfloat16 votes need AVX512-BF16 and float32 inputs");
   u = u.contiguous();
   W = W.contiguous();
   const Sizes z = sizes_of(u, W, n_out);
@@ -536,12 +624,28 @@ std::vector<torch::Tensor> forward(torch::Tensor u, torch::Tensor W, c10::option
   auto v = torch::empty({z.B, z.J, z.D}, u.options());
   auto cs = torch::empty({keep_all ? iters : 1, z.B, z.J, z.I()}, u.options());
   auto ss = torch::empty({iters, z.B, z.J, z.D}, u.options());
+  const int64_t K2 = (z.K + 1) / 2;
+  std::vector<uint32_t> W2(bf16_votes ? z.n * K2 * z.JD() * kTile : 0);
+  if (bf16_votes) pair_weight(z, W.data_ptr<float>(), W2.data());
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "capsnet_routing_forward", [&] {
+    const scalar_t* up = u.data_ptr<scalar_t>();
+    const scalar_t* wp = W.data_ptr<scalar_t>();
     const scalar_t* bp = bias_c.defined() ? bias_c.data_ptr<scalar_t>() : nullptr;
     for_thread_ranges(z.B, thread_parts(z.B), [&](int64_t, int64_t b0, int64_t b1) {
-      forward_range<scalar_t>(z, u.data_ptr<scalar_t>(), W.data_ptr<scalar_t>(), bp, iters, kind, leaky, keep_all,
-                              b0, b1,
-                              v.data_ptr<scalar_t>(), cs.data_ptr<scalar_t>(), ss.data_ptr<scalar_t>());
+      std::vector<uint32_t> upairs(bf16_votes ? kBlock * K2 * kTile : 0);
+      auto votes = [&](int64_t first, int64_t nb, scalar_t* buf) {
+#if defined(__AVX512BF16__)
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          if (bf16_votes)
+            return with_block<kBlock>(nb, [&](auto NB) {
+              make_votes_bf16<decltype(NB)::value>(z, up, W2.data(), first, buf, upairs.data());
+            });
+        }
+#endif
+        with_block<kBlock>(nb, [&](auto NB) { make_votes<scalar_t, decltype(NB)::value>(z, up, wp, first, buf); });
+      };
+      forward_range<scalar_t>(z, votes, bp, iters, kind, leaky, keep_all, b0, b1, v.data_ptr<scalar_t>(),
+                              cs.data_ptr<scalar_t>(), ss.data_ptr<scalar_t>());
     });
   });
   return {v, cs, ss};
@@ -589,6 +693,7 @@ std::vector<torch::Tensor> backward(torch::Tensor u, torch::Tensor W, torch::Ten
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "votes and dynamic routing, fused: (v, c of every iteration or the last, every s)");
   m.def("backward", &backward, "gradients of u, W and the bias on s of the fused routing");
+  m.def("has_bf16_votes", [] { return kBf16Votes; }, "whether forward can make bfloat16 votes (AVX512-BF16)");
   m.def("channel_squash_forward", &capsnet::channel_squash_forward,
         "PrimaryCaps' squash from its convolution's channels: y [B, C*K, H, W] -> u [B, C*H*W, K]");
   m.def("channel_squash_backward", &capsnet::channel_squash_backward, "the gradient of y of channel_squash_forward");
