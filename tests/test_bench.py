@@ -176,3 +176,24 @@ def test_machine_record_parts():
     import torch
 
     assert gemm_gflops(torch.float32, torch.device("cpu"), 64, 0.0) > 0
+
+
+def test_split_sets_each_operator_of_the_capsnet_step_beside_the_bound(capsys):
+    """--split profiles both steps in one process: the convolutions appear on both sides, the capsule
+    layers, decoder, losses and optimiser on the CapsNet's only, and the totals are the rows' sums."""
+    from capsnet.tools.bench_split import format_split, op_times
+
+    times = op_times(2, "off", train=True, rounds=1, steps=1)
+    bound, caps = times["conv-only"], times["capsnet"]
+    conv = [k for k in bound if k.startswith("aten::convolution_backward")]
+    assert conv and all(caps[k] > 0 for k in conv)  # shared: the same convolutions, by shape
+    assert caps["aten::_fused_adam_"] > 0 and bound["aten::_fused_adam_"] == 0  # the bound takes no step
+    lines = format_split(times, "t", top=3).splitlines()
+    total, own = next(ln for ln in lines if "**total**" in ln).split("|"), next(ln for ln in lines if "own" in ln)
+    assert float(total[2]) == pytest.approx(sum(bound.values()), abs=0.06)
+    assert float(total[3]) == pytest.approx(sum(caps.values()), abs=0.06)
+    assert float(own.split("|")[3]) == pytest.approx(sum(v for k, v in caps.items() if not bound[k]), abs=0.06)
+    assert float(own.split("|")[3]) >= caps["aten::_fused_adam_"] - 0.05
+    tables = main(["--split", "--quick"])
+    assert list(tables) == [k for k in tables if "batch 2, amp off" in k] and len(tables) == 2
+    assert "**total**" in capsys.readouterr().out

@@ -28,7 +28,8 @@ import torch
 
 from capsnet.routing import fused_cpu
 from capsnet.tools.bench_cases import CASES, run_case
-from capsnet.tools.bench_machine import cpu_busy, describe, gemm_gflops, machine_record
+from capsnet.tools.bench_machine import cpu_busy, cpu_info, describe, gemm_gflops, machine_record
+from capsnet.tools.bench_split import format_split, op_times
 from capsnet.tools.bench_report import compare, fold, format_table, load, markdown, targets, write_docs
 from capsnet.train.perf import configure_allocator
 
@@ -60,6 +61,9 @@ def parse_args(argv=None):
     p.add_argument("--gemm-seconds", type=float, default=0.5, help="length of each GEMM-peak loop (0: skip)")
     p.add_argument("--case-timeout", type=float, default=1800, help="seconds before a case's process is killed")
     p.add_argument("--quick", action="store_true", help="a smoke run: batch 2, one round, CapsNet cases only")
+    p.add_argument("--split", action="store_true",
+                   help="instead of timing: per operator, where the CapsNet step's time goes beyond the bound's "
+                        "(both in one process under torch.profiler), for each --amp, --batch-sizes and --infer-batch")
     p.add_argument("--json", type=Path, default=Path("bench.json"))
     p.add_argument("--compare", nargs=2, type=Path, metavar=("A", "B"), help="compare two bench.json files")
     p.add_argument("--markdown", type=Path, metavar="BENCH_JSON", help="print the docs block of a bench.json")
@@ -165,6 +169,23 @@ def run_one(args) -> dict:
     return row
 
 
+def run_split(args) -> dict:
+    """The --split mode: one table per amp and batch (training), and for inference, printed as markdown."""
+    configure_allocator(args.allocator)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device, tables = torch.device(args.device), {}
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_info()["cpu"]
+    runs = [(amp, b, True) for amp in args.amp for b in args.batch_sizes] + [(amp, args.infer_batch, False)
+                                                                            for amp in args.amp]
+    for amp, batch, train in runs:
+        title = f"{'training' if train else 'inference'}, batch {batch}, amp {amp}, {where}"
+        times = op_times(batch, amp, train, rounds=args.rounds, steps=args.steps, device=device)
+        tables[title] = format_split(times, f"**{title}**")
+        print(tables[title] + "\n", flush=True)
+    return tables
+
+
 def main(argv=None, runner=run_fresh) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
@@ -173,6 +194,8 @@ def main(argv=None, runner=run_fresh) -> dict:
     if args.compare:
         print(compare(load(args.compare[0]), load(args.compare[1])))
         return {}
+    if args.split:
+        return run_split(args)
     if args.markdown:
         block = markdown(load(args.markdown))
         if args.docs:
