@@ -9,6 +9,8 @@
 // it again, runs the routing backward image by image, keeping each image's vote gradient factored, and
 // then, with the lower capsules split between threads instead of the images, expands those gradients
 // straight into the gradients of u and W (each tile's W and grad W stay in cache for the whole batch).
+// Inference under bfloat16 autocast, where the CPU has AVX512-BF16, makes the votes from bfloat16 u and W
+// with float32 sums (`make_votes_bf16`); everything else is float32 (or float64).
 //
 // Vectors run across lower capsules: the lower capsules are taken kTile at a time (a "tile", padded
 // by the caller), and every per-image tensor stores the tile's capsules side by side in its last
