@@ -15,7 +15,6 @@ import os
 import statistics
 import time
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -25,6 +24,7 @@ from capsnet.data.loader import to_unit_float
 from capsnet.routing.naive import NaiveClassCapsules
 from capsnet.train.build import ROOT, build_loss, build_model, build_optimizer, compose_config
 from capsnet.train.perf import release_free_memory
+from capsnet.train.runtime import autocast_factory
 from capsnet.types import Batch
 
 
@@ -189,23 +189,28 @@ def make_step(model, crit, opt, train: bool, x, y, autocast, scaler=None):
     return train_step
 
 
-def run_case(case: dict, *, device, warmup: int, steps: int, compile: bool = False,
-             channels_last: bool = False) -> dict:
-    """Time one case here and now; the row the parent process reads back (one JSON line)."""
+def case_step(name: str, batch: int, amp: str, train: bool, device, iters: int | None = None,
+              compile: bool = False, channels_last: bool = False):
+    """(step, the routing iterations, the input source) of a case: its network, loss, optimiser and
+    inputs built from a fixed seed, as the benchmark times it (`run_case`) and profiles it (--split)."""
     torch.manual_seed(0)
-    spec = CASES[case["case"]]
-    model, crit, opt, iters = build_case(case["case"], case.get("iters"))
+    model, crit, opt, iters = build_case(name, iters)
     model = model.to(device)
-    x, y, source = inputs(spec, case["batch"], device)
+    x, y, source = inputs(CASES[name], batch, device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
     if compile and crit is not None:
         model = torch.compile(model)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(case["amp"])
-    autocast = partial(torch.autocast, device.type, dtype=dtype) if dtype else contextlib.nullcontext
-    scaler = torch.amp.GradScaler(device.type) if case["amp"] == "fp16" and crit is not None else None
-    step = make_step(model, crit, opt, case["mode"] == "train", x, y, autocast, scaler)
+    scaler = torch.amp.GradScaler(device.type) if amp == "fp16" and crit is not None else None
+    return make_step(model, crit, opt, train, x, y, autocast_factory(device, amp), scaler), iters, source
+
+
+def run_case(case: dict, *, device, warmup: int, steps: int, compile: bool = False,
+             channels_last: bool = False) -> dict:
+    """Time one case here and now; the row the parent process reads back (one JSON line)."""
+    step, iters, source = case_step(case["case"], case["batch"], case["amp"], case["mode"] == "train", device,
+                                    case.get("iters"), compile, channels_last)
     seconds, peak = time_steps(step, warmup, steps, device)
     return {**case, "iters": iters, "input": source, "pid": os.getpid(), "ms_per_step": 1000 * seconds,
             "images_per_second": case["batch"] / seconds, "peak_mb": peak}

@@ -9,13 +9,11 @@ shares, the rest is what the capsule layers, the decoder, the losses and the opt
 from __future__ import annotations
 
 import collections
-import contextlib
-from functools import partial
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from capsnet.tools.bench_cases import CASES, build_case, inputs, make_step
+from capsnet.tools.bench_cases import case_step
 
 SHAPED = ("aten::convolution_backward", "aten::mkldnn_convolution", "aten::convolution", "aten::copy_")
 
@@ -30,14 +28,7 @@ def op_times(batch: int, amp: str, train: bool = True, rounds: int = 3, steps: i
              device: torch.device = torch.device("cpu")) -> dict[str, collections.Counter]:
     """{"conv-only" | "capsnet": {operator: self time in ms per step}}, the two steps profiled in turn,
     `rounds` times `steps` steps each after two warm-up steps."""
-    autocast = (partial(torch.autocast, device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
-                if amp != "off" else contextlib.nullcontext)
-    step_of = {}
-    for name in ("conv-only", "capsnet"):
-        torch.manual_seed(0)
-        model, crit, opt, _ = build_case(name, None)
-        x, y, _ = inputs(CASES[name], batch, device)
-        step_of[name] = make_step(model.to(device), crit, opt, train, x, y, autocast)
+    step_of = {name: case_step(name, batch, amp, train, device)[0] for name in ("conv-only", "capsnet")}
     for step in step_of.values():
         step(), step()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
