@@ -214,10 +214,6 @@ def test_recording_changes_no_number(kernel):
     assert seen == [(3, 37, 10, 16)] and len(layer.routing.recorded["couplings"]) == 3
 
 
-def has_bf16_votes() -> bool:
-    return fused_cpu.load().has_bf16_votes()
-
-
 def bf16_reference(u, weight, n_out, iters, squash):
     """Procedure 1 in float64 on votes made from u and W rounded to bfloat16 (as autocast rounds a matrix
     product's inputs) with exact products and sums: what the kernel's bfloat16 votes approximate to float32."""
@@ -229,7 +225,7 @@ def bf16_reference(u, weight, n_out, iters, squash):
 def test_bf16_votes_are_float32_sums_of_bfloat16_products(in_dim):
     """Inference under bf16 autocast: v within float32 rounding of the float64 routing of bfloat16-rounded
     u and W, including values on a rounding tie (1 + 2^-8 rounds to 1, 1 + 3 * 2^-8 up: ties to even)."""
-    if not has_bf16_votes():
+    if not fused_cpu.load().has_bf16_votes():
         pytest.skip("this CPU has no AVX512-BF16: bfloat16 autocast keeps float32 votes")
     u, weight, _, _ = inputs(in_dim=in_dim, dtype=torch.float32)
     u[0, 0, 0], u[1, 2, 0] = 1 + 2 ** -8, 1 + 3 * 2 ** -8
