@@ -404,26 +404,33 @@ void route_image(const Sizes& z, const T* uh, const T* bias, int iters, int kind
 // iteration's uniform couplings). Expanded a tile at a time where it is used, it is never stored whole.
 template <typename T>
 struct VoteGradient {
-  std::vector<const T*> left;  // [terms] -> [J, I] (a row of couplings, or of saved_b)
+  std::vector<const T*> left;  // [terms] -> couplings [J, I], or a logits' gradient in saved_b
+  std::vector<int64_t> row_step, tile_step;  // how far apart left[t]'s rows j and its tiles lie
   std::vector<T> right;        // [terms, JD]
   std::vector<T> kappa;        // [JD]
-  std::vector<T> saved_b;      // [iters - 1, J, I]: the logits' gradient of each iteration r > 0
+  // [iters - 1, n, J, kTile]: the logits' gradient of each iteration r > 0, tile-major (a tile's J rows
+  // together: the gradients of u and W read them a tile at a time, and rows I apart each cost a page)
+  T* saved_b;                  // not owned
   int terms = 0;
 
-  VoteGradient(const Sizes& z, int iters)
-      : left(2 * iters), right(2 * iters * z.JD()), kappa(z.JD()), saved_b(std::max(iters - 1, 1) * z.J * z.I()) {}
+  VoteGradient(const Sizes& z, int iters, T* saved)
+      : left(2 * iters), row_step(2 * iters), tile_step(2 * iters), right(2 * iters * z.JD()), kappa(z.JD()),
+        saved_b(saved) {}
 
-  void add(const T* l, const T* r, int64_t JD) {
+  // a term left[j, i] right[j, :]; left is couplings [J, I] or, `tiled`, a row of saved_b [n, J, kTile]
+  void add(const T* l, const T* r, int64_t JD, const Sizes& z, bool tiled) {
+    row_step[terms] = tiled ? kTile : z.I();
+    tile_step[terms] = tiled ? z.J * kTile : kTile;
     left[terms] = l;
     std::copy(r, r + JD, right.begin() + terms * JD);
     ++terms;
   }
 
-  // ask for the cache lines expand(z, tile, ...) will read: its rows lie I apart, too far for the
-  // hardware prefetcher, and waiting for them was a third of the time of the gradients of u and W
+  // ask for the cache lines expand(z, tile, ...) will read: the couplings' rows lie I apart, too far for
+  // the hardware prefetcher, and waiting for them was a third of the time of the gradients of u and W
   void prefetch(const Sizes& z, int64_t tile) const {
     for (int t = 0; t < terms; ++t)
-      for (int64_t j = 0; j < z.J; ++j) __builtin_prefetch(left[t] + j * z.I() + tile * kTile);
+      for (int64_t j = 0; j < z.J; ++j) __builtin_prefetch(left[t] + j * row_step[t] + tile * tile_step[t]);
   }
 
   // g of lower-capsule tile `tile`, [JD, kTile], into out
@@ -448,7 +455,7 @@ struct VoteGradient {
     for (int64_t j = 0; j < J; ++j) {
       if constexpr (N >= 0) {
         Lanes<T> L[N > 0 ? N : 1];
-        for (int t = 0; t < N; ++t) L[t] = load(left[t] + j * I + tile * kTile);
+        for (int t = 0; t < N; ++t) L[t] = load(left[t] + j * row_step[t] + tile * tile_step[t]);
         for (int64_t d = 0; d < D; ++d) {
           Lanes<T> g = Lanes<T>{} + kappa[j * D + d];
           for (int t = 0; t < N; ++t) g += L[t] * right[t * JD + j * D + d];
@@ -457,7 +464,8 @@ struct VoteGradient {
       } else {
         for (int64_t d = 0; d < D; ++d) {
           Lanes<T> g = Lanes<T>{} + kappa[j * D + d];
-          for (int t = 0; t < terms; ++t) g += load(left[t] + j * I + tile * kTile) * right[t * JD + j * D + d];
+          for (int t = 0; t < terms; ++t)
+            g += load(left[t] + j * row_step[t] + tile * tile_step[t]) * right[t * JD + j * D + d];
           store(out + (j * D + d) * kTile, g);
         }
       }
@@ -467,16 +475,15 @@ struct VoteGradient {
 
 // Procedure 1 run backwards for one image whose votes uh [n, JD, kTile] are in cache: the gradient of its
 // votes into `grad` (factored), the gradient of the bias on s added to grad_bias [J, D]. Mirrors
-// `_route_backward` in dynamic.py; gbt [J, I] is the gradient of the logits b_r, summed over later r.
-// One pass over the votes per iteration after the first.
+// `_route_backward` in dynamic.py. The gradient of the logits b_r (summed over the later iterations) goes
+// straight into grad.saved_b's row r - 1. One pass over the votes per iteration after the first.
 template <typename T>
 void route_image_backward(const Sizes& z, const T* uh, const T* cs, int64_t c_stride, const T* ss,
                           int64_t s_stride, const T* grad_v, const T* grad_c, int iters, int kind, bool detach,
-                          VoteGradient<T>& grad, T* grad_bias, T* gbt, T* acc) {
+                          VoteGradient<T>& grad, T* grad_bias, T* acc) {
   const int64_t I = z.I(), J = z.J, D = z.D, JD = z.JD();
   std::vector<T> gv(JD), gs(JD), v_prev(JD), gc(J * kTile);
   if (grad_v != nullptr) std::copy(grad_v, grad_v + JD, gv.begin());
-  std::fill(gbt, gbt + J * I, T(0));
   std::fill(grad.kappa.begin(), grad.kappa.end(), T(0));
   grad.terms = 0;
   for (int r = iters - 1; r >= 0; --r) {
@@ -494,10 +501,13 @@ void route_image_backward(const Sizes& z, const T* uh, const T* cs, int64_t c_st
     }
     squash_rows(kind, ss + (r - 1) * s_stride, v_prev.data(), J, D);
     std::fill(acc, acc + JD * kTile, T(0));  // lanes of the gradient of v_{r-1}
+    T* saved = grad.saved_b + (r - 1) * J * I;       // the gradient of b_r: b_{r+1}'s (`later`) + its own
+    const T* later = last ? nullptr : saved + J * I;
     for (int64_t tile = 0; tile < z.n; ++tile) {
       const T* x = uh + tile * z.tile_votes();
       const T* ct = c + tile * kTile;
-      T* bt = gbt + tile * kTile;
+      const T* lt = later ? later + tile * J * kTile : nullptr;
+      T* bt = saved + tile * J * kTile;
       T sc[kTile] = {};  // softmax backward: the gradient of b_r
       for (int64_t j = 0; j < J; ++j) {
         Lanes<T> a = (last && grad_c != nullptr) ? load(grad_c + j * I + tile * kTile) : Lanes<T>{};
@@ -508,8 +518,8 @@ void route_image_backward(const Sizes& z, const T* uh, const T* cs, int64_t c_st
       }
       for (int64_t j = 0; j < J; ++j) {
         const Lanes<T> cj = load(ct + j * I);
-        const Lanes<T> bj = load(bt + j * I) + cj * (load(gc.data() + j * kTile) - load(sc));
-        store(bt + j * I, bj);
+        const Lanes<T> bj = (lt ? load(lt + j * kTile) : Lanes<T>{}) + cj * (load(gc.data() + j * kTile) - load(sc));
+        store(bt + j * kTile, bj);
         for (int64_t d = 0; d < D; ++d) {  // the gradient of v_{r-1} through b_r's agreement
           const int64_t e = (j * D + d) * kTile;
           store(acc + e, load(acc + e) + bj * load(x + e));
@@ -517,10 +527,8 @@ void route_image_backward(const Sizes& z, const T* uh, const T* cs, int64_t c_st
       }
     }
     sum_lanes(acc, gv.data(), JD);
-    T* saved = grad.saved_b.data() + (r - 1) * J * I;
-    std::copy(gbt, gbt + J * I, saved);
-    if (through_c) grad.add(c, gs.data(), JD);
-    if (through_b) grad.add(saved, v_prev.data(), JD);
+    if (through_c) grad.add(c, gs.data(), JD, z, false);
+    if (through_b) grad.add(saved, v_prev.data(), JD, z, true);
   }
 }
 
@@ -550,7 +558,7 @@ void route_backward_range(const Sizes& z, const T* u, const T* W, const T* cs, c
                           const T* grad_c, int iters, int kind, bool detach, int64_t b_begin, int64_t b_end,
                           std::vector<VoteGradient<T>>& grads, T* grad_bias) {
   const int64_t JD = z.JD(), per_image = z.image_votes();
-  std::vector<T> buf(kBlock * per_image), gbt(z.J * z.I()), acc(JD * kTile);
+  std::vector<T> buf(kBlock * per_image), acc(JD * kTile);
   for (int64_t b0 = b_begin; b0 < b_end; b0 += kBlock) {
     const int64_t nb = std::min<int64_t>(kBlock, b_end - b0);
     with_block<kBlock>(nb, [&](auto NB) { make_votes<T, decltype(NB)::value>(z, u, W, b0, buf.data()); });
@@ -558,7 +566,7 @@ void route_backward_range(const Sizes& z, const T* u, const T* W, const T* cs, c
       const int64_t b = b0 + bb;
       route_image_backward(z, buf.data() + bb * per_image, cs + b * z.J * z.I(), z.B * z.J * z.I(), ss + b * JD,
                            z.B * JD, grad_v ? grad_v + b * JD : nullptr, grad_c ? grad_c + b * z.J * z.I() : nullptr,
-                           iters, kind, detach, grads[b], grad_bias, gbt.data(), acc.data());
+                           iters, kind, detach, grads[b], grad_bias, acc.data());
     }
   }
 }
@@ -671,8 +679,13 @@ std::vector<torch::Tensor> backward(torch::Tensor u, torch::Tensor W, torch::Ten
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "capsnet_routing_backward", [&] {
     const scalar_t* gvp = gv.defined() ? gv.data_ptr<scalar_t>() : nullptr;
     const scalar_t* gcp = gc.defined() ? gc.data_ptr<scalar_t>() : nullptr;
-    // 1. the routing backward, images split between threads: every image's vote gradient, factored
-    std::vector<VoteGradient<scalar_t>> grads(z.B, VoteGradient<scalar_t>(z, iters));
+    // 1. the routing backward, images split between threads: every image's vote gradient, factored (the
+    // logits' gradients left uninitialised: the routing backward writes them all)
+    auto saved_b = torch::empty({z.B, std::max<int64_t>(iters - 1, 1), z.J, z.I()}, u.options());
+    std::vector<VoteGradient<scalar_t>> grads;
+    grads.reserve(z.B);
+    for (int64_t b = 0; b < z.B; ++b)
+      grads.emplace_back(z, iters, saved_b.data_ptr<scalar_t>() + b * saved_b.stride(0));
     for_thread_ranges(z.B, parts, [&](int64_t p, int64_t b0, int64_t b1) {
       route_backward_range<scalar_t>(z, u.data_ptr<scalar_t>(), W.data_ptr<scalar_t>(), cs.data_ptr<scalar_t>(),
                                      ss.data_ptr<scalar_t>(), gvp, gcp, iters, kind, detach, b0, b1, grads,
