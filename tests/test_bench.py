@@ -45,7 +45,8 @@ def test_default_plan_has_bf16_rows_the_sweep_and_every_network():
 
 
 @pytest.mark.parametrize("argv", [["--device", "cpu", "--amp", "fp16"], ["--models", "resnet"], ["--amp", "fp8"],
-                                  ["--models", "capsnet+torch_routing"]])  # timed beside the CapsNet rows already
+                                  ["--models", "capsnet+torch_routing"],  # timed beside the CapsNet rows already
+                                  ["--infer-batch", "0"], ["--batch-sizes", "32,0"], ["--iters", "0,3"]])
 def test_bad_options_are_refused(argv):
     with pytest.raises(SystemExit):
         parse_args(argv)

@@ -81,6 +81,8 @@ def parse_args(argv=None):
         p.error("--amp fp16 needs --device cuda (use bf16 on a CPU)")
     if args.rounds < 1 or args.steps < 1:
         p.error("--rounds and --steps must be at least 1")
+    if min(args.batch_sizes + [args.infer_batch] + args.iters) < 1:
+        p.error("--batch-sizes, --infer-batch and --iters must be at least 1")
     return args
 
 
