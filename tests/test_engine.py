@@ -187,3 +187,51 @@ def test_amp_auto_picks_bf16_only_where_the_hardware_has_it(monkeypatch, tiny_da
 def test_amp_defaults_to_auto():
     """bf16 where the hardware has it is the default (docs/performance.md: its accuracy check on real MNIST)."""
     assert compose_cfg([]).trainer.amp.value == "auto"
+
+
+def _evaluate_shard(rank, world, init_file, n, out_dir):
+    """One gloo process of `test_an_empty_evaluation_shard_joins_the_sum`: evaluate its shard, save the result."""
+    import datetime
+    from contextlib import nullcontext
+
+    import torch.distributed as dist
+
+    import capsnet.train.engine as engine
+    from capsnet.data.loader import BatchLoader
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    model, split, criterion, metrics = _oracle_problem(n)
+    values = engine.evaluate(model, criterion, metrics, BatchLoader(split, 4, train=False, rank=rank,
+                             world_size=world), nullcontext, torch.device("cpu"))
+    dist.barrier()
+    dist.destroy_process_group()
+    (out_dir / f"{rank}.json").write_text(json.dumps(values))
+
+
+def _oracle_problem(n):
+    from capsnet.data.source import Split
+    from capsnet.losses.cross_entropy import CrossEntropyLoss
+    from capsnet.metrics import TopKAccuracy
+
+    table = torch.randn(n, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
+    images = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 1, 2, 2).contiguous()
+    split = Split("test", images, torch.arange(n) % 3)
+    return FixedScores(table), split, CrossEntropyLoss(), {"acc": TopKAccuracy()}
+
+
+def test_an_empty_evaluation_shard_joins_the_sum(tmp_path):
+    """Fewer test images than processes: the process with no images still takes part in the sum (it used to
+    skip the collective and leave the others waiting), and every process reports the one-process result."""
+    from contextlib import nullcontext
+
+    import capsnet.train.engine as engine
+    from capsnet.data.loader import BatchLoader
+
+    n, world = 1, 2
+    model, split, criterion, metrics = _oracle_problem(n)
+    one = engine.evaluate(model, criterion, metrics, BatchLoader(split, 4, train=False), nullcontext,
+                          torch.device("cpu"))
+    torch.multiprocessing.spawn(_evaluate_shard, args=(world, tmp_path / "init", n, tmp_path), nprocs=world)
+    for rank in range(world):
+        assert json.loads((tmp_path / f"{rank}.json").read_text()) == pytest.approx(one), rank

@@ -77,7 +77,7 @@ class BatchLoader:
             idx = torch.arange(self.rank, len(self.split), self.world_size)
         else:
             idx = torch.tensor(list(self.sampler))
-        return list(idx.split(self.batch_size))
+        return list(idx.split(self.batch_size)) if len(idx) else []  # split() of nothing gives one empty batch
 
     def __len__(self) -> int:
         if self.sampler is None:

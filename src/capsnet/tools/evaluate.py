@@ -329,7 +329,7 @@ def ensemble_metrics(collected: list[dict], metrics: dict, device) -> dict:
         sums: dict = {}
         out = ModelOutput(scores=scores.to(device))
         accumulate(sums, {}, metrics, out, Batch(torch.empty(len(labels), 0), labels.to(device)))
-        totals = all_reduce(sums, device) if sums else {"count": 0.0}
+        totals = all_reduce(sums, device) or {"count": 0.0}
         values.update({f"{name}/{k}": v for k, v in summarize(totals, metrics).items()})
     return values
 

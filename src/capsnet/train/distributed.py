@@ -56,6 +56,18 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def union_of_keys(keys) -> list:
+    """The sorted union of every process's keys (every process must call this). A process whose shard of an
+    evaluation set is empty (fewer images than processes) has summed nothing; it learns the others' keys
+    here, so it joins their sum with zeros instead of leaving them waiting for it."""
+    keys = sorted(keys)
+    if not is_distributed():
+        return keys
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, keys)
+    return sorted(set().union(*gathered))
+
+
 def any_process(flag: bool, device: torch.device) -> bool:
     """True when `flag` is true on at least one process (every process must call this)."""
     if not is_distributed():

@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from capsnet.errors import NonFiniteLossError
-from capsnet.train.distributed import all_reduce_sum, any_process, is_distributed
+from capsnet.train.distributed import all_reduce_sum, any_process, is_distributed, union_of_keys
 
 
 @dataclass
@@ -83,11 +83,12 @@ def _check_finite(first_bad: torch.Tensor) -> None:
 
 
 def all_reduce(sums: dict, device: torch.device) -> dict:
-    """Sum every entry (device tensors or host numbers) over all processes in one collective."""
-    keys = sorted(sums)  # the same order on every rank
+    """Sum every entry (device tensors or host numbers) over all processes in one collective; an entry a
+    process lacks counts as zero there."""
+    keys = union_of_keys(sums)  # the same keys, in the same order, on every rank
     if not keys:
         return {}
-    totals = all_reduce_sum(torch.stack([torch.as_tensor(sums[k], dtype=torch.float64, device=device)
+    totals = all_reduce_sum(torch.stack([torch.as_tensor(sums.get(k, 0.0), dtype=torch.float64, device=device)
                                          for k in keys]))
     return dict(zip(keys, totals.tolist()))
 
