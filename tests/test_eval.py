@@ -184,6 +184,13 @@ def test_ensemble_members_must_agree(runs, tmp_path):
     small = _save_variant(good, tmp_path / "small.pt", in_shape=(1, 24, 24))
     _one_line_error(lambda: evaluate_checkpoints([str(good), str(five)], tmp_path), "disagree on classes")
     _one_line_error(lambda: evaluate_checkpoints([str(good), str(small)], tmp_path), "disagree on input shape")
+    fashion = _save_variant(good, tmp_path / "fashion.pt", {"dataset.name": "fashion_mnist"})
+    _one_line_error(lambda: evaluate_checkpoints([str(good), str(fashion)], tmp_path), "disagree on the dataset",
+                    "fashion_mnist", "dataset=NAME")
+    data = OmegaConf.create(torch.load(good, weights_only=False)["config"]).dataset.root
+    both = evaluate_checkpoints([str(good), str(fashion)], tmp_path, ["dataset=mnist", f"dataset.root={data}"],
+                                figures=NO_FIGURES)  # the fix the line names
+    assert both["dataset"] == "mnist" and both["ensemble"]["size"] == 2
 
 
 def test_data_of_another_shape_is_refused(runs, tmp_path):

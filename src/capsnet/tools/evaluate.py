@@ -221,9 +221,16 @@ def load_member(path: Path, overrides: list[str], device) -> Member:
 
 
 def check_members(members: list[Member]) -> None:
-    """An ensemble needs one input shape and one set of classes; one line naming the first odd member."""
+    """An ensemble needs one dataset, one input shape and one set of classes; one line naming the first odd
+    member. The data are built from the first member's config, so members trained on different datasets of
+    the same shape (MNIST and Fashion-MNIST) would otherwise be scored on the first one's without a word."""
     first = members[0]
     for m in members[1:]:
+        names = [OmegaConf.select(x.cfg, "dataset.name") for x in (first, m)]
+        if names[0] != names[1]:
+            raise CapsnetError(f"ensemble members disagree on the dataset: {first.path} was trained on {names[0]}, "
+                               f"{m.path} on {names[1]}; ensemble models of one dataset, or pass dataset=NAME "
+                               "to evaluate every member on that one")
         if m.num_classes != first.num_classes:
             raise CapsnetError(f"ensemble members disagree on classes: {first.path} has {first.num_classes}, "
                                f"{m.path} has {m.num_classes}; ensemble models of the same dataset")
