@@ -201,9 +201,15 @@ def _evaluate_shard(rank, world, init_file, n, out_dir):
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))
+    from capsnet.tools.evaluate import ScoreCollector, ensemble_metrics, gather_rows
+
     model, split, criterion, metrics = _oracle_problem(n)
-    values = engine.evaluate(model, criterion, metrics, BatchLoader(split, 4, train=False, rank=rank,
-                             world_size=world), nullcontext, torch.device("cpu"))
+    collector = ScoreCollector()
+    values = engine.evaluate(model, criterion, {**metrics, "_scores": collector}, BatchLoader(
+        split, 4, train=False, rank=rank, world_size=world), nullcontext, torch.device("cpu"))
+    scores, labels = collector.result()
+    values.update(ensemble_metrics([{"e": (scores, labels)}] * 2, metrics, torch.device("cpu")))
+    values["rows"] = gather_rows(scores, world).tolist()
     dist.barrier()
     dist.destroy_process_group()
     (out_dir / f"{rank}.json").write_text(json.dumps(values))
@@ -221,8 +227,9 @@ def _oracle_problem(n):
 
 
 def test_an_empty_evaluation_shard_joins_the_sum(tmp_path):
-    """Fewer test images than processes: the process with no images still takes part in the sum (it used to
-    skip the collective and leave the others waiting), and every process reports the one-process result."""
+    """Fewer test images than processes: the process with no images still takes part in the sums (it used to
+    sum an empty batch's NaN loss, or skip the collective and leave the others waiting), and every process
+    reports the one-process result, an ensemble's metrics and the gathered scores included."""
     from contextlib import nullcontext
 
     import capsnet.train.engine as engine
@@ -232,6 +239,9 @@ def test_an_empty_evaluation_shard_joins_the_sum(tmp_path):
     model, split, criterion, metrics = _oracle_problem(n)
     one = engine.evaluate(model, criterion, metrics, BatchLoader(split, 4, train=False), nullcontext,
                           torch.device("cpu"))
+    one.update({"e/accuracy": one["test/accuracy"], "e/error": one["test/error"]})
     torch.multiprocessing.spawn(_evaluate_shard, args=(world, tmp_path / "init", n, tmp_path), nprocs=world)
     for rank in range(world):
-        assert json.loads((tmp_path / f"{rank}.json").read_text()) == pytest.approx(one), rank
+        got = json.loads((tmp_path / f"{rank}.json").read_text())
+        torch.testing.assert_close(torch.tensor(got.pop("rows")), model.table.float())  # the scores, gathered
+        assert got == pytest.approx(one), rank

@@ -286,6 +286,9 @@ class ScoreCollector:
         return {}
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scores, labels) in this process's order; two empty tensors for a process that had no images."""
+        if not self.scores:
+            return torch.empty(0), torch.empty(0, dtype=torch.long)
         return torch.cat(self.scores), torch.cat(self.labels)
 
 
@@ -298,9 +301,11 @@ def gather_rows(local: torch.Tensor, world: int) -> torch.Tensor:
 
     parts = [None] * world
     dist.all_gather_object(parts, local.cpu())
-    out = parts[0].new_empty((sum(len(p) for p in parts), *parts[0].shape[1:]))
+    like = max(parts, key=len)  # a process without images sends an empty tensor of no particular shape
+    out = like.new_empty((sum(len(p) for p in parts), *like.shape[1:]))
     for r, p in enumerate(parts):
-        out[r::world] = p
+        if len(p):
+            out[r::world] = p
     return out
 
 
@@ -334,8 +339,9 @@ def ensemble_metrics(collected: list[dict], metrics: dict, device) -> dict:
         scores = sum(c[name][0] for c in collected)
         labels = collected[0][name][1]
         sums: dict = {}
-        out = ModelOutput(scores=scores.to(device))
-        accumulate(sums, {}, metrics, out, Batch(torch.empty(len(labels), 0), labels.to(device)))
+        if len(labels):  # this process's share; an empty one still joins the sum below
+            out = ModelOutput(scores=scores.to(device))
+            accumulate(sums, {}, metrics, out, Batch(torch.empty(len(labels), 0), labels.to(device)))
         totals = all_reduce(sums, device) or {"count": 0.0}
         values.update({f"{name}/{k}": v for k, v in summarize(totals, metrics).items()})
     return values
