@@ -198,11 +198,10 @@ def _evaluate_shard(rank, world, init_file, n, out_dir):
 
     import capsnet.train.engine as engine
     from capsnet.data.loader import BatchLoader
+    from capsnet.tools.evaluate import ScoreCollector, ensemble_metrics, gather_rows
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))
-    from capsnet.tools.evaluate import ScoreCollector, ensemble_metrics, gather_rows
-
     model, split, criterion, metrics = _oracle_problem(n)
     collector = ScoreCollector()
     values = engine.evaluate(model, criterion, {**metrics, "_scores": collector}, BatchLoader(

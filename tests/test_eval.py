@@ -178,7 +178,7 @@ def test_bad_checkpoints_are_refused_in_one_line(runs, tmp_path):
 
 
 def test_ensemble_members_must_agree(runs, tmp_path):
-    _, _, (a, _) = runs
+    _, data, (a, _) = runs
     good = a / "checkpoints" / "last.pt"
     five = _save_variant(good, tmp_path / "five.pt", num_classes=5)
     small = _save_variant(good, tmp_path / "small.pt", in_shape=(1, 24, 24))
@@ -187,7 +187,6 @@ def test_ensemble_members_must_agree(runs, tmp_path):
     fashion = _save_variant(good, tmp_path / "fashion.pt", {"dataset.name": "fashion_mnist"})
     _one_line_error(lambda: evaluate_checkpoints([str(good), str(fashion)], tmp_path), "disagree on the dataset",
                     "fashion_mnist", "dataset=NAME")
-    data = OmegaConf.create(torch.load(good, weights_only=False)["config"]).dataset.root
     both = evaluate_checkpoints([str(good), str(fashion)], tmp_path, ["dataset=mnist", f"dataset.root={data}"],
                                 figures=NO_FIGURES)  # the fix the line names
     assert both["dataset"] == "mnist" and both["ensemble"]["size"] == 2
