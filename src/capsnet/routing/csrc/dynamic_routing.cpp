@@ -418,7 +418,8 @@ struct VoteGradient {
         saved_b(saved) {}
 
   // a term left[j, i] right[j, :]; left is couplings [J, I] or, `tiled`, a row of saved_b [n, J, kTile]
-  void add(const T* l, const T* r, int64_t JD, const Sizes& z, bool tiled) {
+  void add(const T* l, const T* r, const Sizes& z, bool tiled) {
+    const int64_t JD = z.JD();
     row_step[terms] = tiled ? kTile : z.I();
     tile_step[terms] = tiled ? z.J * kTile : kTile;
     left[terms] = l;
@@ -527,8 +528,8 @@ void route_image_backward(const Sizes& z, const T* uh, const T* cs, int64_t c_st
       }
     }
     sum_lanes(acc, gv.data(), JD);
-    if (through_c) grad.add(c, gs.data(), JD, z, false);
-    if (through_b) grad.add(saved, v_prev.data(), JD, z, true);
+    if (through_c) grad.add(c, gs.data(), z, false);
+    if (through_b) grad.add(saved, v_prev.data(), z, true);
   }
 }
 
@@ -681,7 +682,7 @@ std::vector<torch::Tensor> backward(torch::Tensor u, torch::Tensor W, torch::Ten
     const scalar_t* gcp = gc.defined() ? gc.data_ptr<scalar_t>() : nullptr;
     // 1. the routing backward, images split between threads: every image's vote gradient, factored (the
     // logits' gradients left uninitialised: the routing backward writes them all)
-    auto saved_b = torch::empty({z.B, std::max<int64_t>(iters - 1, 1), z.J, z.I()}, u.options());
+    auto saved_b = torch::empty({z.B, std::max<int64_t>(iters - 1, 1), z.n, z.J, kTile}, u.options());
     std::vector<VoteGradient<scalar_t>> grads;
     grads.reserve(z.B);
     for (int64_t b = 0; b < z.B; ++b)
