@@ -38,11 +38,21 @@ def init_distributed(device_type: str, timeout_s: float = 600.0) -> tuple[int, i
         return 0, 1, 0
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
+        _import_group_defaults()
         backend = "nccl" if device_type == "cuda" else "gloo"
         if device_type == "cuda":
             torch.cuda.set_device(local)
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     return rank, world, local
+
+
+def _import_group_defaults() -> None:
+    """Import torch.distributed.nn before the process group exists. Its functions take `group=group.WORLD` as a
+    default argument, evaluated at import: imported after init_process_group (torchvision imports it through
+    torch._dynamo when a data source first loads it) they hold the group past destroy_process_group, so its
+    gloo threads outlive it, and a process exiting beside them was seen to abort ("terminate called without an
+    active exception") while its peer closed its sockets."""
+    import torch.distributed.nn  # noqa: F401
 
 
 def is_distributed() -> bool:
