@@ -88,8 +88,9 @@ def any_process(flag: bool, device: torch.device) -> bool:
 
 
 def barrier() -> None:
-    """Wait for every process (no-op for one). Before a clean exit: a rank that tears its gloo group down while
-    another still uses it aborts that one ("terminate called without an active exception")."""
+    """Wait for every process (no-op for one). Before a clean exit, so that no rank tears the group down while
+    another is still in a collective with it. (The abort at exit once blamed on that race had another cause:
+    see `_import_group_defaults`.)"""
     if is_distributed():
         dist.barrier()
 
